@@ -1,0 +1,264 @@
+"""``wsi-pipeline``: the command line. Parses arguments, configures logging, starts Ray.
+
+Every error a user can cause (a missing slide, a typo in a config, a bad value) ends as one line
+on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from wsi_pipeline import __version__
+
+logger = logging.getLogger("wsi_pipeline")
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, _, h = text.lower().partition("x")
+        return int(w), int(h or w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+
+
+def _init_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; quiet unless asked."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+
+
+# --- info -----------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from wsi_pipeline.slide import SlideError, open_slide
+    from wsi_pipeline.tissue import detect_tissue
+
+    failed = 0
+    for path in args.slides:
+        try:
+            slide = open_slide(path, args.backend, mpp_override=args.mpp_override)
+            info = asdict(slide.info())
+            info.pop("properties")
+            info["tissue_percent"] = (
+                round(100 * detect_tissue(slide).fraction, 2) if slide.has_mpp else None
+            )
+        except SlideError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(json.dumps(info) if args.json else _format_info(info))
+    return EXIT_FAILED if failed else 0
+
+
+def _format_info(info: dict[str, Any]) -> str:
+    mpp = f"{info['mpp']:.4g} µm/px" if info["mpp"] else "unknown (use --mpp-override)"
+    tissue = f"{info['tissue_percent']:.1f} %" if info["tissue_percent"] is not None else "n/a"
+    levels = ", ".join(
+        f"{w}x{h} (/{ds:.4g})"
+        for (w, h), ds in zip(info["level_dimensions"], info["level_downsamples"], strict=True)
+    )
+    return "\n".join(
+        [
+            info["path"],
+            f"  backend    {info['backend']}",
+            f"  vendor     {info['vendor'] or 'unknown'}",
+            f"  levels     {info['level_count']}: {levels}",
+            f"  mpp        {mpp}",
+            f"  objective  {info['objective_power'] or 'unknown'}",
+            f"  tissue     {tissue}",
+        ]
+    )
+
+
+# --- tile -----------------------------------------------------------------------------------
+
+
+def _tile_config(args: argparse.Namespace) -> Any:
+    from wsi_pipeline.config import TileConfig, load_config, parse_assignments
+
+    overrides = {
+        "mpp": args.mpp,
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "shard_tiles": args.shard_tiles,
+        "backend": args.backend,
+        "mpp_override": args.mpp_override,
+        "workers": args.workers,
+        "overwrite": args.overwrite or None,
+        **parse_assignments(args.set),
+    }
+    return load_config(TileConfig, args.config, overrides)
+
+
+def cmd_tile(args: argparse.Namespace) -> int:
+    from wsi_pipeline.config import dump_config
+    from wsi_pipeline.inputs import expand_inputs
+    from wsi_pipeline.pipeline import tile_slides, write_summary
+
+    config = _tile_config(args)
+    slides = expand_inputs(args.inputs)
+    _init_ray()
+    start = time.perf_counter()
+    results = tile_slides(slides, args.out, config)
+    Path(args.out, "tile-config.yaml").write_text(dump_config(config))
+    write_summary(results, os.path.join(args.out, "summary.csv"))
+    _print_results(results, time.perf_counter() - start)
+    return EXIT_FAILED if any(r.status == "failed" for r in results) else 0
+
+
+def _print_results(results: Sequence[Any], seconds: float) -> None:
+    for r in results:
+        detail = r.reason if r.reason else f"{r.shards} shards, {r.tiles} tiles written"
+        print(f"{r.status:>9}  {r.slide}  ->  {r.output}  ({detail})")
+    counts = {s: sum(r.status == s for r in results) for s in ("complete", "skipped", "failed")}
+    print(
+        f"{len(results)} slides in {seconds:.1f} s: {counts['complete']} complete, "
+        f"{counts['skipped']} skipped, {counts['failed']} failed"
+    )
+
+
+# --- synth-slide ----------------------------------------------------------------------------
+
+
+def cmd_synth_slide(args: argparse.Namespace) -> int:
+    from wsi_pipeline import synthetic
+
+    width, height = args.size
+    if args.tiles:
+        sources = synthetic.load_annotated_tiles(args.tiles)
+    else:
+        sources = synthetic.synthetic_sources(mpp=args.mpp, seed=args.seed)
+    slide = synthetic.MosaicSlide(sources, width, height, seed=args.seed)
+    start = time.perf_counter()
+    synthetic.write_tiff(slide, args.out, mpp=args.mpp, quality=args.quality)
+    truth = args.truth or _default_truth(args.out)
+    count = synthetic.write_truth(slide, truth)
+    print(
+        f"wrote {args.out}: {width}x{height} px at {args.mpp} µm/px, {slide.levels} levels, "
+        f"{count} nuclei in {time.perf_counter() - start:.1f} s; truth: {truth}"
+    )
+    return 0
+
+
+def _default_truth(out: str) -> str:
+    stem = out
+    for suffix in (".tiff", ".tif"):
+        stem = stem.removesuffix(suffix)
+    return f"{stem}.truth.geojson.gz"
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slide = out / "demo-slide.tiff"
+    size = f"{args.size[0]}x{args.size[1]}"
+    print(f"[1/2] generating a synthetic H&E slide ({size} px at 0.25 µm/px) -> {slide}")
+    main(["synth-slide", "--out", str(slide), "--size", size, "--mpp", "0.25"])
+    print(f"[2/2] tiling it with Ray Data at 0.5 µm/px -> {out / 'tiles'}")
+    status = main(["tile", str(slide), "--out", str(out / "tiles"), "--mpp", "0.5"])
+    print(f"done: open {slide} in QuPath; the OME-Zarr store is in {out / 'tiles'}")
+    return status
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def _slide_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["auto", "openslide", "tiffslide"], default=None)
+    parser.add_argument(
+        "--mpp-override", type=float, help="level-0 µm/px for slides that do not record it"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsi-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="vendor, levels, dimensions, mpp, objective, tissue %%")
+    p.add_argument("slides", nargs="+")
+    _slide_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON line per slide")
+    p.set_defaults(func=cmd_info, backend="auto")
+
+    p = sub.add_parser("tile", help="slides -> one OME-Zarr image per slide (Ray Data)")
+    p.add_argument("inputs", nargs="+", help="slides, globs, directories or a CSV manifest")
+    p.add_argument("--out", required=True, help="output directory (local or fsspec URL)")
+    p.add_argument("--config", help="YAML file (see configs/tile.yaml)")
+    p.add_argument("--mpp", type=float, help="target resolution, µm/px (default 0.5)")
+    p.add_argument("--tile", type=int, help="tile = chunk size in px (default 512)")
+    p.add_argument("--overlap", type=int)
+    p.add_argument("--shard-tiles", type=int, help="tiles per shard side (default 8)")
+    p.add_argument("--workers", type=int, help="concurrent shard tasks (default: all CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="rewrite complete stores")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config key")
+    _slide_options(p)
+    p.set_defaults(func=cmd_tile)
+
+    p = sub.add_parser("synth-slide", help="a synthetic pyramidal TIFF with known nuclei")
+    p.add_argument("--out", required=True, help="output .tiff")
+    p.add_argument("--tiles", help="annotated tiles (images/ + masks/) to build a mosaic from")
+    p.add_argument("--size", type=_size, default=(8192, 8192), help="WIDTHxHEIGHT in px")
+    p.add_argument("--mpp", type=float, default=0.25, help="level-0 µm/px (default 0.25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--truth", help="ground-truth GeoJSON (default: <out>.truth.geojson.gz)")
+    p.set_defaults(func=cmd_synth_slide)
+
+    p = sub.add_parser("demo", help="generate a slide and run the pipeline on it, locally")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--size", type=_size, default=(6144, 6144), help="WIDTHxHEIGHT in px")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger().handlers[0].addFilter(lambda r: r.name.startswith("wsi_pipeline"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wsi-pipeline`` console script."""
+    from wsi_pipeline.config import ConfigError
+    from wsi_pipeline.inputs import InputError
+    from wsi_pipeline.slide import SlideError
+
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        _configure_logging(args.verbose)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ConfigError, InputError, SlideError, CliError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Job configuration: pydantic models loaded from YAML, with command-line overrides.
+
+Every model forbids unknown keys, so a typo is an error naming the key. Units are explicit in the
+field names (``mpp`` is µm per pixel, ``*_um2`` square micrometres).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message is one line naming the key."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TissueConfig(StrictModel):
+    """Tissue detection on a thumbnail."""
+
+    mask_mpp: float = Field(8.0, gt=0, description="resolution of the tissue mask, µm/px")
+    min_saturation: float = Field(0.07, ge=0, le=1)
+    min_area_um2: float = Field(10_000.0, ge=0, description="drop tissue specks smaller than this")
+    min_fraction: float = Field(
+        0.0, ge=0, le=1, description="a tile is kept if at least this share is tissue (0: any)"
+    )
+
+
+class TileConfig(StrictModel):
+    """``wsi-pipeline tile``: slides → one OME-Zarr image per slide."""
+
+    mpp: float = Field(0.5, gt=0, description="target resolution, µm/px")
+    tile: int = Field(512, ge=32, description="tile (= Zarr chunk) size in px at mpp")
+    overlap: int = Field(0, ge=0, description="overlap recorded for tiled reads downstream, px")
+    shard_tiles: int = Field(4, ge=1, description="tiles per shard side (one writer per shard)")
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+    mpp_override: float | None = Field(
+        None, gt=0, description="level-0 µm/px, if the slide lacks it"
+    )
+    tissue: TissueConfig = TissueConfig()
+    workers: int | None = Field(
+        None, ge=1, description="concurrent shard tasks (default: all CPUs)"
+    )
+    overwrite: bool = Field(False, description="rewrite stores that are already complete")
+
+
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    value = first.get("input")
+    shown = "" if first["type"] in {"extra_forbidden", "missing"} else f" (got {value!r})"
+    more = len(error.errors()) - 1
+    return f"config error: {key}: {message}{shown}" + (f"; and {more} more" if more else "")
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error: {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+    """``["tissue.min_fraction=0.1", ...]`` → nested dict, values parsed as YAML scalars."""
+    data: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"config error: {item!r}: expected KEY=VALUE")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    model: type[ModelT], path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> ModelT:
+    """Build ``model`` from a YAML file (optional) updated with ``overrides`` (``None`` ignored).
+
+    Raises:
+        ConfigError: missing or malformed file, unknown key, or invalid value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config error: {path}: no such file") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config error: {path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error: {path}: expected a mapping at the top level")
+        data = loaded or {}
+    clean = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return model.model_validate(_merge(data, clean))
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML, to save beside every output it produced."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
