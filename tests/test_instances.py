@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi_pipeline.instances import instances_from_probabilities, mean_class_probability
+from wsi_pipeline.metrics import score_image
+from wsi_pipeline.targets import make_target, num_classes, one_hot
+
+SHARED_DATA = Path(__file__).parents[1] / "../shared/data"
+
+
+def touching_disks(shape: tuple[int, int] = (64, 64)) -> np.ndarray:
+    """Two radius-12 disks whose centres are 20 px apart, split at the midline."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    d1 = np.hypot(yy - 32, xx - 22)
+    d2 = np.hypot(yy - 32, xx - 42)
+    labels = np.zeros(shape, dtype=np.int32)
+    labels[(d1 <= 12) | (d2 <= 12)] = 2
+    labels[(d1 <= 12) & (d1 <= d2)] = 1
+    return labels
+
+
+def oracle(labels: np.ndarray, mode: str = "3class") -> np.ndarray:
+    return one_hot(make_target(labels, mode), num_classes(mode))  # type: ignore[arg-type]
+
+
+def test_three_class_oracle_separates_touching_nuclei() -> None:
+    labels = touching_disks()
+    pred = instances_from_probabilities(oracle(labels), min_size=5)
+    assert pred.dtype == np.int32
+    assert set(np.unique(pred)) == {0, 1, 2}
+    assert score_image(labels, pred)["aji"] == 1.0
+
+
+def test_binary_distance_watershed_splits_touching_nuclei() -> None:
+    labels = touching_disks()
+    probs = oracle(labels, "binary")
+    split = instances_from_probabilities(probs, "binary", min_size=5)
+    assert split.max() == 2
+    assert score_image(labels, split)["pq"] > 0.9
+    merged = instances_from_probabilities(probs, "binary", min_size=5, split_touching=False)
+    assert merged.max() == 1
+
+
+def test_binary_accepts_one_sigmoid_channel() -> None:
+    labels = touching_disks()
+    two = instances_from_probabilities(oracle(labels, "binary"), "binary")
+    one = instances_from_probabilities(oracle(labels, "binary")[1:], "binary")
+    np.testing.assert_array_equal(one, two)
+
+
+def test_small_objects_removed_and_labels_consecutive() -> None:
+    labels = np.zeros((32, 32), dtype=np.int32)
+    labels[2:12, 2:12] = 7  # 100 px
+    labels[20:23, 20:23] = 3  # 9 px, below min_size
+    labels[20:30, 2:12] = 9
+    pred = instances_from_probabilities(oracle(labels), min_size=10)
+    assert sorted(np.unique(pred)) == [0, 1, 2]
+    assert (pred[20:23, 20:23] == 0).all()
+
+
+def test_nucleus_predicted_all_boundary_is_kept() -> None:
+    probs = np.zeros((3, 16, 16), dtype=np.float32)
+    probs[0] = 1.0
+    probs[:, 4:8, 4:8] = np.array([0.0, 0.0, 1.0])[:, None, None]  # no interior, so no marker
+    pred = instances_from_probabilities(probs, min_size=1)
+    assert pred.max() == 1 and (pred[4:8, 4:8] == 1).all()
+
+
+def test_holes_filled_only_inside_a_single_nucleus() -> None:
+    labels = np.zeros((24, 40), dtype=np.int32)
+    labels[2:12, 2:12] = 1
+    labels[6:8, 6:8] = 0  # hole inside nucleus 1
+    labels[14:22, 20:38] = 2
+    labels[14:22, 20:29] = 3
+    labels[17:19, 27:31] = 0  # hole shared by nuclei 2 and 3
+    probs = oracle(labels, "binary")
+    pred = instances_from_probabilities(probs, "binary", split_touching=False, min_size=1)
+    assert (pred[6:8, 6:8] > 0).all()
+    assert (pred[17:19, 27:31] > 0).all()  # one component in binary mode: enclosed by one object
+    pred = instances_from_probabilities(oracle(labels), min_size=1)
+    assert (pred[6:8, 6:8] > 0).all()
+    assert (pred[17:19, 27:31] == 0).all()
+
+
+def test_mean_class_probability_by_hand() -> None:
+    labels = np.array([[1, 1, 0], [0, 3, 0]], dtype=np.int32)
+    probs = np.zeros((3, 2, 3), dtype=np.float32)
+    probs[0] = [[0.2, 0.6, 1.0], [1.0, 0.1, 1.0]]  # p(background); nucleus = 1 - p
+    means = mean_class_probability(labels, probs)
+    # label 1: (0.8 + 0.4) / 2 = 0.6; label 2: no pixels; label 3: 0.9
+    np.testing.assert_allclose(means, [0.6, np.nan, 0.9], rtol=1e-6)
+
+
+def test_bad_inputs_raise() -> None:
+    with pytest.raises(ValueError, match="3 channels"):
+        instances_from_probabilities(np.zeros((2, 8, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match="1 or 2 channels"):
+        instances_from_probabilities(np.zeros((3, 8, 8), dtype=np.float32), "binary")
+    with pytest.raises(ValueError, match="shape"):
+        instances_from_probabilities(np.zeros((8, 8), dtype=np.float32))
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_oracle_round_trip_on_monuseg() -> None:
+    from PIL import Image
+
+    masks = sorted((SHARED_DATA / "monuseg_train" / "masks").glob("*.png"))[:3]
+    assert masks
+    for path in masks:
+        labels = np.asarray(Image.open(path))
+        pred = instances_from_probabilities(oracle(labels), min_size=1)
+        assert score_image(labels, pred)["aji"] >= 0.9, path.name
