@@ -69,9 +69,12 @@ def main() -> None:
         )
         synthetic.write_tiff(mosaic, slide_file, mpp=0.25)
         result: dict[str, object] = {
-            "benchmark": "tiling", "slide_px": args.size, "mpp": args.mpp, "tile": args.tile,
+            "benchmark": "tiling",
+            "slide_px": args.size,
+            "mpp": args.mpp,
+            "tile": args.tile,
             "cpus": os.cpu_count(),
-        }  # fmt: skip
+        }
         # Warm-up: start Ray's worker processes and import their libraries once, untimed.
         tile_slides([slide_file], str(Path(tmp) / "warm-up"), TileConfig(mpp=args.mpp))
         for workers in args.workers:

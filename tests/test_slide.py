@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import SLIDE_MPP, shared_path
+
 from wsi_pipeline.slide import SlideError, open_slide
 from wsi_pipeline.tiling import Box
 

@@ -11,9 +11,19 @@ from wsi_pipeline.tiling import Box
 
 def layout(**kw) -> store.StoreLayout:
     base = dict(
-        source="x.svs", backend="openslide", level0_width=1000, level0_height=600,
-        source_mpp=0.25, mpp=0.5, width=500, height=300, tile=64, overlap=0, shard=128, levels=3,
-    )  # fmt: skip
+        source="x.svs",
+        backend="openslide",
+        level0_width=1000,
+        level0_height=600,
+        source_mpp=0.25,
+        mpp=0.5,
+        width=500,
+        height=300,
+        tile=64,
+        overlap=0,
+        shard=128,
+        levels=3,
+    )
     return store.StoreLayout(**{**base, **kw})
 
 

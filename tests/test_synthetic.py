@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_path
 from shapely.geometry import Polygon
 
-from conftest import shared_path
 from wsi_pipeline import synthetic
 from wsi_pipeline.polygons import label_polygons, rasterize
 from wsi_pipeline.tiling import Box
@@ -68,7 +68,8 @@ def test_label_polygons_roundtrip_and_offset() -> None:
 def test_truth_geojson(tmp_path: Path, mosaic: synthetic.MosaicSlide) -> None:
     path = tmp_path / "truth.geojson.gz"
     count = synthetic.write_truth(mosaic, path)
-    data = json.loads(gzip.open(path, "rt").read())
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
     assert data["type"] == "FeatureCollection" and len(data["features"]) == count > 100
     feature = data["features"][0]
     assert feature["geometry"]["type"] == "Polygon"

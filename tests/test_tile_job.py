@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
 from conftest import shared_path
+
 from wsi_pipeline import store
 from wsi_pipeline.cli import main
 from wsi_pipeline.slide import open_slide
@@ -47,9 +47,12 @@ def assert_store_matches_slide(store_path: Path, slide_file: Path, **open_kw) ->
     slide = open_slide(slide_file, layout.backend, **open_kw)
     for box in chunks[:: max(1, len(chunks) // 4)]:
         expected = slide.read_region(
-            box.x0 * layout.downsample, box.y0 * layout.downsample, box.width, box.height,
+            box.x0 * layout.downsample,
+            box.y0 * layout.downsample,
+            box.width,
+            box.height,
             mpp=layout.mpp,
-        )  # fmt: skip
+        )
         got = store.read_region(str(store_path), box)
         assert np.abs(got.astype(int) - expected).mean() <= 2, (layout.backend, box)
 

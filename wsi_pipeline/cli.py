@@ -91,29 +91,20 @@ def _format_info(info: dict[str, Any]) -> str:
 # --- tile -----------------------------------------------------------------------------------
 
 
-def _tile_config(args: argparse.Namespace) -> Any:
-    from wsi_pipeline.config import TileConfig, load_config, parse_assignments
+def _config(model: type, args: argparse.Namespace) -> Any:
+    """``model`` from ``--config`` with every flag named like a field, and ``--set``, on top."""
+    from wsi_pipeline.config import load_config, parse_assignments
 
-    overrides = {
-        "mpp": args.mpp,
-        "tile": args.tile,
-        "overlap": args.overlap,
-        "shard_tiles": args.shard_tiles,
-        "backend": args.backend,
-        "mpp_override": args.mpp_override,
-        "workers": args.workers,
-        "overwrite": args.overwrite or None,
-        **parse_assignments(args.set),
-    }
-    return load_config(TileConfig, args.config, overrides)
+    overrides = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+    return load_config(model, args.config, {**overrides, **parse_assignments(args.set)})
 
 
 def cmd_tile(args: argparse.Namespace) -> int:
-    from wsi_pipeline.config import dump_config
+    from wsi_pipeline.config import TileConfig, dump_config
     from wsi_pipeline.inputs import expand_inputs
     from wsi_pipeline.pipeline import tile_slides, write_summary
 
-    config = _tile_config(args)
+    config = _config(TileConfig, args)
     slides = expand_inputs(args.inputs)
     _init_ray()
     start = time.perf_counter()
@@ -133,6 +124,60 @@ def _print_results(results: Sequence[Any], seconds: float) -> None:
         f"{len(results)} slides in {seconds:.1f} s: {counts['complete']} complete, "
         f"{counts['skipped']} skipped, {counts['failed']} failed"
     )
+
+
+# --- segment --------------------------------------------------------------------------------
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from wsi_pipeline.config import SegmentConfig, dump_config
+    from wsi_pipeline.inputs import expand_inputs
+    from wsi_pipeline.segment import segment_slides, write_summary
+
+    config = _config(SegmentConfig, args)
+    slides = expand_inputs(args.inputs)
+    _init_ray()
+    start = time.perf_counter()
+    results = segment_slides(slides, args.out, config)
+    Path(args.out, "segment-config.yaml").write_text(dump_config(config))
+    write_summary(results, os.path.join(args.out, "summary.csv"))
+    for r in results:
+        detail = r.reason or f"{r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s -> {r.geojson}"
+        print(f"{r.status:>9}  {r.slide}  ({detail})")
+    failed = sum(r.status == "failed" for r in results)
+    print(
+        f"{len(results)} slides in {time.perf_counter() - start:.1f} s: "
+        f"{sum(r.status == 'complete' for r in results)} complete, "
+        f"{sum(r.status == 'skipped' for r in results)} skipped, {failed} failed; "
+        f"summary: {os.path.join(args.out, 'summary.csv')}"
+    )
+    return EXIT_FAILED if failed else 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from wsi_pipeline.preview import render_preview
+    from wsi_pipeline.tiling import Box
+
+    region = None
+    if args.region:
+        try:
+            x, y, w, h = (int(v) for v in args.region.split(","))
+        except ValueError:
+            raise CliError(
+                f"--region: expected x,y,w,h in level-0 px, got {args.region!r}"
+            ) from None
+        region = Box(x, y, x + w, y + h)
+    count = render_preview(
+        args.slide,
+        args.geojson,
+        args.out,
+        region=region,
+        max_size=args.max_size,
+        backend=args.backend,
+        mpp_override=args.mpp_override,
+    )
+    print(f"wrote {args.out}: {count} nuclei drawn")
+    return 0
 
 
 # --- synth-slide ----------------------------------------------------------------------------
@@ -212,10 +257,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int)
     p.add_argument("--shard-tiles", type=int, help="tiles per shard side (default 8)")
     p.add_argument("--workers", type=int, help="concurrent shard tasks (default: all CPUs)")
-    p.add_argument("--overwrite", action="store_true", help="rewrite complete stores")
+    p.add_argument("--overwrite", action="store_const", const=True, help="rewrite complete stores")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config key")
     _slide_options(p)
     p.set_defaults(func=cmd_tile)
+
+    p = sub.add_parser("segment", help="slides or tiling stores -> QuPath GeoJSON nuclei")
+    p.add_argument("inputs", nargs="+", help="slides, globs, directories, CSV manifests, stores")
+    p.add_argument("--checkpoint", help="checkpoint directory (model.pt + model.json)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--config", help="YAML file (see configs/segment.yaml)")
+    p.add_argument("--tile", type=int, help="tile px at the model's mpp (default 512)")
+    p.add_argument("--overlap", type=int, help="px at the model's mpp (default 64)")
+    p.add_argument("--batch-size", type=int, help="tiles per predictor call (default 8)")
+    p.add_argument("--tta", action="store_const", const=True, help="flip test-time augmentation")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--predictors", type=int, help="predictor actors (default: GPUs or 1)")
+    p.add_argument(
+        "--no-gzip", dest="gzip", action="store_const", const=False, help="write plain .geojson"
+    )
+    p.add_argument("--overwrite", action="store_const", const=True, help="redo complete slides")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config key")
+    _slide_options(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("preview", help="PNG overlay of nuclei polygons on a slide")
+    p.add_argument("slide")
+    p.add_argument("geojson")
+    p.add_argument("--out", required=True, help="output .png")
+    p.add_argument("--region", help="x,y,w,h in level-0 px (default: whole slide)")
+    p.add_argument("--max-size", type=int, default=2048, help="longest side of the PNG")
+    _slide_options(p)
+    p.set_defaults(func=cmd_preview, backend="auto")
 
     p = sub.add_parser("synth-slide", help="a synthetic pyramidal TIFF with known nuclei")
     p.add_argument("--out", required=True, help="output .tiff")

@@ -124,3 +124,27 @@ def load_config(
 def dump_config(config: BaseModel) -> str:
     """The resolved config as YAML, to save beside every output it produced."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+class SegmentConfig(StrictModel):
+    """``wsi-pipeline segment``: slides (or tiling stores) → nuclei polygons per slide."""
+
+    checkpoint: str | None = Field(None, description="checkpoint directory (model.pt + model.json)")
+    tile: int = Field(512, ge=64, description="tile size in px at the model's mpp")
+    overlap: int = Field(
+        64, ge=0, description="px at the model's mpp; at least the largest nucleus diameter"
+    )
+    batch_size: int = Field(8, ge=1, description="tiles per predictor call")
+    tta: bool = Field(False, description="flip test-time augmentation (3x compute)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    predictors: int | None = Field(None, ge=1, description="predictor actors (default: GPUs or 1)")
+    cpus_per_predictor: float = Field(1.0, gt=0)
+    backend: Literal["auto", "openslide", "tiffslide"] = "auto"
+    mpp_override: float | None = Field(
+        None, gt=0, description="level-0 µm/px, if the slide lacks it"
+    )
+    tissue: TissueConfig = TissueConfig()
+    simplify: float = Field(0.0, ge=0, description="polygon simplification, px at the model's mpp")
+    seam_margin: float = Field(8.0, ge=0, description="px around core edges checked for duplicates")
+    gzip: bool = Field(True, description="write <slide>.geojson.gz rather than .geojson")
+    overwrite: bool = Field(False, description="redo slides that are already complete")

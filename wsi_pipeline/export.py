@@ -48,24 +48,44 @@ class FeatureWriter:
         self._tmp: str | None = None
         self._file: IO[str] | None = None
 
-    def __enter__(self) -> FeatureWriter:
+    def open(self) -> FeatureWriter:
+        """Start the collection in a temporary file beside the final one."""
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".geojson")
         os.close(fd)
         if self.path.endswith(".gz"):
-            self._file = gzip.open(self._tmp, "wt", compresslevel=5)
+            self._file = gzip.open(self._tmp, "wt", compresslevel=5)  # noqa: SIM115
         else:
-            self._file = open(self._tmp, "w")  # noqa: SIM115 - closed in __exit__
+            self._file = open(self._tmp, "w")  # noqa: SIM115 - closed in close()/abort()
         self._file.write('{"type": "FeatureCollection", "features": [\n')
         return self
 
     def write(self, feature: dict[str, Any]) -> None:
-        assert self._file is not None, "use FeatureWriter as a context manager"
+        assert self._file is not None, "call open() first (or use a with block)"
         if self.count:
             self._file.write(",\n")
         self._file.write(json.dumps(feature, separators=(",", ":")))
         self.count += 1
+
+    def close(self) -> None:
+        """Finish the collection and move it to its final name."""
+        assert self._file is not None and self._tmp is not None
+        self._file.write("\n]}\n")
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        self._file = None
+
+    def abort(self) -> None:
+        """Drop the unfinished file; nothing appears under the final name."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp and os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> FeatureWriter:
+        return self.open()
 
     def __exit__(
         self,
@@ -73,16 +93,10 @@ class FeatureWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._file is not None and self._tmp is not None
-        try:
-            if exc_type is None:
-                self._file.write("\n]}\n")
-            self._file.close()
-        finally:
-            if exc_type is None:
-                os.replace(self._tmp, self.path)
-            elif os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def read_features(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:

@@ -10,8 +10,20 @@ from pathlib import Path
 from wsi_pipeline.slide import is_url
 
 SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
-)  # fmt: skip
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+)
+
+
+STORE_SUFFIX = ".ome.zarr"
 
 
 class InputError(ValueError):
@@ -21,20 +33,21 @@ class InputError(ValueError):
 def slide_stem(path: str) -> str:
     """A slide's name without directory and extension (``a/b/x.ome.tiff`` → ``x``)."""
     name = path.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in (".ome.tiff", ".ome.tif", *SLIDE_SUFFIXES):
+    for suffix in (STORE_SUFFIX, ".ome.tiff", ".ome.tif", *SLIDE_SUFFIXES):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
 
 
 def _from_directory(directory: str) -> list[str]:
-    found = sorted(
-        os.path.join(directory, name)
-        for name in os.listdir(directory)
-        if name.lower().endswith(SLIDE_SUFFIXES) and not name.startswith(".")
-    )
+    names = [n for n in sorted(os.listdir(directory)) if not n.startswith(".")]
+    found = [os.path.join(directory, n) for n in names if n.lower().endswith(SLIDE_SUFFIXES)]
+    # A directory of tiling stores (``wsi-pipeline tile`` output) is also a set of inputs.
+    found += [os.path.join(directory, n) for n in names if n.endswith(STORE_SUFFIX)]
     if not found:
-        raise InputError(f"{directory}: no slides ({', '.join(SLIDE_SUFFIXES)}) in this directory")
+        raise InputError(
+            f"{directory}: no slides ({', '.join(SLIDE_SUFFIXES)}) or {STORE_SUFFIX} stores here"
+        )
     return found
 
 
@@ -69,7 +82,7 @@ def expand_inputs(items: list[str]) -> list[str]:
             if not matches:
                 raise InputError(f"{item}: the pattern matches no files")
             slides.extend(matches)
-        elif os.path.isdir(item) and not item.rstrip("/").endswith(".mrxs"):
+        elif os.path.isdir(item) and not item.rstrip("/").endswith((".mrxs", STORE_SUFFIX)):
             slides.extend(_from_directory(item))
         elif item.lower().endswith(".csv") and os.path.isfile(item):
             slides.extend(_from_manifest(item))

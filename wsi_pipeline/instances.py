@@ -124,7 +124,10 @@ def _watershed_from_interior(
         small = np.bincount(markers.ravel(), minlength=n + 1) < marker_min_size
         small[0] = False
         markers[small[markers]] = 0
-    labels = watershed(-interior, markers, mask=foreground, connectivity=1)
+    # The distance to the nearest marker breaks ties on flat probability plateaus, which would
+    # otherwise be resolved by the flooding order and so differ between a tile and the whole image.
+    elevation = ndi.distance_transform_edt(markers == 0) * 1e-3 - interior
+    labels = watershed(elevation, markers, mask=foreground, connectivity=1)
     return _label_unmarked(labels, foreground)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from wsi_pipeline import storage
 from wsi_pipeline.config import TileConfig
 from wsi_pipeline.inputs import slide_stem
-from wsi_pipeline.slide import SlideError, open_slide
+from wsi_pipeline.slide import open_slide
 from wsi_pipeline.store import (
     StoreLayout,
     create_store,
@@ -68,10 +68,18 @@ def store_path(out_dir: str, slide: str) -> str:
 def _row(slide: str, store: str, status: str, **extra: Any) -> dict[str, Any]:
     """A row of the tiling graph; every row has every key so Arrow sees one schema."""
     row = {
-        "slide": slide, "store": store, "status": status, "reason": "", "shard_col": -1,
-        "shard_row": -1, "shards_total": 0, "shards_done": 0, "chunks": "[]", "layout": "{}",
+        "slide": slide,
+        "store": store,
+        "status": status,
+        "reason": "",
+        "shard_col": -1,
+        "shard_row": -1,
+        "shards_total": 0,
+        "shards_done": 0,
+        "chunks": "[]",
+        "layout": "{}",
         "seconds": 0.0,
-    }  # fmt: skip
+    }
     row.update(extra)
     return row
 
@@ -81,12 +89,19 @@ def _layout_for(slide_path: str, config: TileConfig) -> tuple[StoreLayout, Any]:
     downsample = slide.downsample_for(config.mpp)
     width, height = grid_size(*slide.dimensions, downsample)
     layout = StoreLayout(
-        source=slide_path, backend=slide.backend,
-        level0_width=slide.dimensions[0], level0_height=slide.dimensions[1],
-        source_mpp=slide.mpp, mpp=config.mpp, width=width, height=height,
-        tile=config.tile, overlap=config.overlap, shard=config.tile * config.shard_tiles,
+        source=slide_path,
+        backend=slide.backend,
+        level0_width=slide.dimensions[0],
+        level0_height=slide.dimensions[1],
+        source_mpp=slide.mpp,
+        mpp=config.mpp,
+        width=width,
+        height=height,
+        tile=config.tile,
+        overlap=config.overlap,
+        shard=config.tile * config.shard_tiles,
         levels=pyramid_levels(width, height, config.tile),
-    )  # fmt: skip
+    )
     return layout, slide
 
 
@@ -100,7 +115,7 @@ def plan_slide(row: dict[str, Any], config: TileConfig) -> Iterator[dict[str, An
         done = done_shards(store) if resumable else set()
         if not resumable:
             create_store(store, layout, tissue.mask, tissue.mpp, name=slide_stem(slide_path))
-    except (SlideError, OSError, ValueError) as exc:
+    except Exception as exc:  # any broken slide is a failed row, never a crash
         yield _row(slide_path, store, FAILED, reason=_one_line(exc))
         return
     shards = layout.shards
@@ -123,9 +138,16 @@ def plan_slide(row: dict[str, Any], config: TileConfig) -> Iterator[dict[str, An
     already = total - len(pending)
     for col, srow, chunks in pending:
         yield _row(
-            slide_path, store, "todo", shard_col=col, shard_row=srow, shards_total=total,
-            shards_done=already, chunks=json.dumps(chunks), layout=layout_json,
-        )  # fmt: skip
+            slide_path,
+            store,
+            "todo",
+            shard_col=col,
+            shard_row=srow,
+            shards_total=total,
+            shards_done=already,
+            chunks=json.dumps(chunks),
+            layout=layout_json,
+        )
 
 
 def _same_layout(store: str, layout: StoreLayout) -> bool:

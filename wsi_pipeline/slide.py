@@ -272,6 +272,8 @@ def _open_uncached(path: str, backend: Backend, mpp_override: float | None) -> S
     try:
         chosen = _choose_backend(path, backend)
         reader = _open_openslide(path) if chosen == "openslide" else _open_tiffslide(path)
+        # tiffslide parses lazily: touch the metadata now so a broken file fails here.
+        _ = reader.level_dimensions, dict(reader.properties)
     except SlideError:
         raise
     except Exception as exc:

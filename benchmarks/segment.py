@@ -1,0 +1,173 @@
+"""Segmentation throughput on one slide: end to end vs predictor only vs read only.
+
+Prints one JSON line. In the same run, on the same slide and tissue tiles:
+
+* ``read_tiles_per_s``: the Ray Data read stage alone (slide → RGB tiles);
+* ``predictor_tiles_per_s``: the predictor alone, in this process, on tiles already in memory;
+* ``end_to_end_tiles_per_s``: the whole segment job (read → predict → post-process → GeoJSON);
+* ``ratio_e2e_vs_predictor``: how busy the job keeps the predictor (target ≥ 0.7 on a GPU host);
+* ``nuclei_per_s``, and the peak RSS of the driver and of the driver plus every Ray process.
+
+Without ``--checkpoint`` a randomly initialised model is used (the speed of a model does not
+depend on its weights; the nuclei it finds then mean nothing). Example (the README's figure):
+
+    python benchmarks/segment.py --size 8192 --model unet --base-channels 16 --tile 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wsi_pipeline import synthetic
+from wsi_pipeline.checkpoint import ModelCard, read_card, save_checkpoint
+from wsi_pipeline.config import SegmentConfig
+from wsi_pipeline.inference import Predictor
+from wsi_pipeline.models import create_model
+from wsi_pipeline.segment import plan_slide, read_tile, segment_slides
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and all its descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(entry)] = int(stat.rsplit(")", 1)[1].split()[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    family, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in family]
+        family.update(children)
+        frontier.extend(children)
+    return sum(rss.get(pid, 0) for pid in family)
+
+
+class PeakRss(threading.Thread):
+    """Samples the process tree's RSS every 0.2 s while the job runs."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+            self._done.wait(0.2)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.peak
+
+
+def _checkpoint(args: argparse.Namespace, tmp: str) -> str:
+    if args.checkpoint:
+        return args.checkpoint
+    kwargs = {"base_channels": args.base_channels} if args.base_channels else {}
+    model = create_model(args.model, num_classes=3, **kwargs)
+    card = ModelCard(architecture=args.model, kwargs=kwargs, mpp=0.5)
+    return str(save_checkpoint(Path(tmp) / "model", model, card))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=8192, help="synthetic slide side, px at 0.25")
+    parser.add_argument("--slide", help="an existing slide instead of a synthetic one")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--model", default="unet")
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(logging_level="ERROR", include_dashboard=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        slide = args.slide or str(Path(tmp) / "bench.tiff")
+        if not args.slide:
+            sources = synthetic.synthetic_sources(mpp=0.25)
+            mosaic = synthetic.MosaicSlide(sources, args.size, args.size, seed=0)
+            synthetic.write_tiff(mosaic, slide, mpp=0.25)
+        checkpoint = _checkpoint(args, tmp)
+        config = SegmentConfig(
+            checkpoint=checkpoint,
+            tile=args.tile,
+            overlap=args.overlap,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+        card = read_card(checkpoint)
+        plan = plan_slide(slide, card, config)
+        rows = [
+            {"slide": slide, "plan": json.dumps(plan.__dict__), "col": c, "row": r, "error": ""}
+            for c, r in plan.tiles
+        ]
+        result: dict[str, object] = {
+            "benchmark": "segment",
+            "slide": os.path.basename(slide),
+            "tiles": len(rows),
+            "tile": args.tile,
+            "model": card.architecture,
+            "cpus": os.cpu_count(),
+        }
+
+        start = time.perf_counter()
+        ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4096))
+        images = [
+            r["image"]
+            for r in ds.map(read_tile, fn_kwargs={"mpp": card.mpp, "mpp_override": None})
+            .select_columns(["image"])
+            .iter_rows()
+        ]
+        result["read_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
+
+        predictor = Predictor(checkpoint, device=args.device)
+        predictor.predict(np.stack(images[: args.batch_size]))  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(images), args.batch_size):
+            predictor.predict(np.stack(images[i : i + args.batch_size]))
+        result["predictor_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
+        result["device"] = str(predictor.device)
+        del images, predictor
+
+        sampler = PeakRss()
+        sampler.start()
+        start = time.perf_counter()
+        (outcome,) = segment_slides([slide], str(Path(tmp) / "out"), config)
+        seconds = time.perf_counter() - start
+        result["pipeline_peak_rss_mb"] = round(sampler.stop() / 2**20, 1)
+        assert outcome.status == "complete", outcome.reason
+        result["end_to_end_s"] = round(seconds, 2)
+        result["end_to_end_tiles_per_s"] = round(outcome.tiles / seconds, 2)
+        result["nuclei"] = outcome.nuclei
+        result["nuclei_per_s"] = round(outcome.nuclei / seconds, 1)
+        result["ratio_e2e_vs_predictor"] = round(
+            float(result["end_to_end_tiles_per_s"]) / float(result["predictor_tiles_per_s"]), 3
+        )
+        result["driver_peak_rss_mb"] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The segment job as a user meets it, on a synthetic slide with known nuclei."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+from conftest import shared_path
+from scipy import ndimage as ndi
+from shapely.geometry import shape
+
+from wsi_pipeline.checkpoint import ModelCard, save_checkpoint
+from wsi_pipeline.cli import main
+from wsi_pipeline.config import SegmentConfig
+from wsi_pipeline.inference import quantize
+from wsi_pipeline.models import create_model
+from wsi_pipeline.polygons import rasterize
+from wsi_pipeline.segment import segment_slides
+from wsi_pipeline.targets import make_target, one_hot
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+class HematoxylinOracle:
+    """Stands in for a trained model on synthetic slides: nuclei are the dark purple pixels."""
+
+    def __init__(self, checkpoint: str, device: str = "auto", tta: bool = False) -> None:
+        self.checkpoint = checkpoint
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("image")
+        probs = []
+        for image in images:
+            labels, _ = ndi.label((image[..., 1] < 110) & (image[..., 0] < 180))
+            p = one_hot(make_target(labels), 3)
+            probs.append(quantize(ndi.gaussian_filter(p, sigma=(0, 1, 1))))
+        batch["probs"] = np.stack(probs)
+        return batch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ship_oracle_to_workers():
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny, untrained 3-class U-Net at 0.5 µm/px."""
+    model = create_model("unet", num_classes=3, base_channels=4)
+    card = ModelCard(architecture="unet", kwargs={"base_channels": 4}, mpp=0.5)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", model, card)
+
+
+def read_geojson(path: Path) -> dict:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)
+
+
+def test_oracle_segmentation_matches_truth(tmp_path: Path, slide_path: Path, mosaic, checkpoint):
+    config = SegmentConfig(checkpoint=str(checkpoint), tile=256, overlap=48, batch_size=4)
+    (result,) = segment_slides(
+        [str(slide_path)], str(tmp_path), config, predictor=HematoxylinOracle
+    )
+    assert result.status == "complete", result.reason
+    data = read_geojson(tmp_path / "synthetic.geojson.gz")
+    predicted = [shape(f["geometry"]) for f in data["features"]]
+    truth = [p for _, p in mosaic.polygons() if p.area > 100]  # level-0 px; ignore slivers
+    tree = shapely.STRtree(predicted)
+    matched = 0
+    for polygon in truth:
+        hits = tree.query(polygon)
+        if (
+            len(hits)
+            and max(shapely.intersection(predicted[j], polygon).area for j in hits)
+            > 0.5 * polygon.area
+        ):
+            matched += 1
+    recall = matched / len(truth)
+    precision = len(truth) * recall / len(predicted)
+    assert recall > 0.95 and precision > 0.9, (recall, precision, len(truth), len(predicted))
+    # No nucleus twice: predicted polygons do not overlap one another.
+    overlaps = tree.query(predicted, predicate="overlaps")
+    assert overlaps.shape[1] == 0
+    summary = json.loads((tmp_path / "synthetic.json").read_text())
+    assert summary["nuclei"] == len(predicted) == result.nuclei
+    assert summary["model"]["mpp"] == 0.5 and summary["tissue_mm2"] > 0
+
+
+def test_geojson_is_qupath_ready(tmp_path: Path, slide_path: Path, checkpoint: Path) -> None:
+    config = SegmentConfig(checkpoint=str(checkpoint), tile=256, overlap=48)
+    segment_slides([str(slide_path)], str(tmp_path), config, predictor=HematoxylinOracle)
+    data = read_geojson(tmp_path / "synthetic.geojson.gz")
+    assert data["type"] == "FeatureCollection" and len(data["features"]) > 100
+    ids = set()
+    for feature in data["features"]:
+        assert feature["type"] == "Feature"
+        ids.add(str(uuid.UUID(feature["id"])))
+        geometry = shape(feature["geometry"])
+        assert geometry.geom_type == "Polygon" and geometry.is_valid and not geometry.is_empty
+        props = feature["properties"]
+        assert props["objectType"] == "detection"
+        assert props["classification"]["name"] == "Nucleus"
+        m = props["measurements"]
+        assert m["Area µm^2"] == pytest.approx(geometry.area * 0.25**2, rel=1e-3)
+        assert 0 < m["Circularity"] <= 1 and 0 < m["Solidity"] <= 1
+        assert 0.5 < m["Nucleus probability"] <= 1
+    assert len(ids) == len(data["features"])
+
+
+def test_polygons_rasterise_back_to_their_mask() -> None:
+    from wsi_pipeline.polygons import label_polygons
+
+    labels = np.zeros((40, 40), dtype=np.int32)
+    yy, xx = np.mgrid[0:40, 0:40]
+    labels[(yy - 20) ** 2 / 36 + (xx - 15) ** 2 / 64 <= 1] = 1
+    labels[30:36, 30:38] = 2
+    for label, polygon in label_polygons(labels):
+        mask = labels == label
+        back = rasterize(polygon, labels.shape)
+        assert (back & mask).sum() / (back | mask).sum() >= 0.95
+
+
+def test_cli_batch_with_bad_slides_and_resume(
+    tmp_path: Path, slide_path: Path, checkpoint: Path, capsys
+) -> None:
+    bad = tmp_path / "corrupt.svs"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 100)
+    out = tmp_path / "results"
+    argv = [
+        "segment",
+        str(slide_path),
+        str(bad),
+        str(tmp_path / "missing.svs"),
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(out),
+        "--tile",
+        "256",
+        "--overlap",
+        "48",
+    ]
+    assert main(argv) == 1
+    with open(out / "summary.csv") as f:
+        rows = {Path(r["slide"]).name: r for r in csv.DictReader(f)}
+    assert rows["synthetic.tiff"]["status"] == "complete"
+    assert rows["corrupt.svs"]["status"] == "failed" and rows["corrupt.svs"]["reason"]
+    assert "no such file" in rows["missing.svs"]["reason"]
+    first = read_geojson(out / "synthetic.geojson.gz")
+    # The untrained model finds something or nothing, but the outputs are complete and valid.
+    assert first["type"] == "FeatureCollection"
+    # An interrupted run leaves no summary for the slide: re-running redoes it, identically.
+    (out / "synthetic.json").unlink()
+    assert main([*argv[:2], *argv[4:]]) == 0
+    again = read_geojson(out / "synthetic.geojson.gz")
+    geometry = [f["geometry"] for f in first["features"]]
+    assert [f["geometry"] for f in again["features"]] == geometry
+    assert main([*argv[:2], *argv[4:]]) == 0
+    assert "1 skipped" in capsys.readouterr().out
+
+
+def test_segment_from_tiling_store_and_preview(
+    tmp_path: Path, slide_path: Path, checkpoint: Path
+) -> None:
+    tiles = tmp_path / "tiles"
+    assert main(["tile", str(slide_path), "--out", str(tiles), "--mpp", "0.5"]) == 0
+    out = tmp_path / "results"
+    config = SegmentConfig(checkpoint=str(checkpoint), tile=256, overlap=48)
+    (from_store,) = segment_slides(
+        [str(tiles / "synthetic.ome.zarr")], str(out), config, predictor=HematoxylinOracle
+    )
+    assert from_store.status == "complete" and from_store.nuclei > 100
+    (direct,) = segment_slides(
+        [str(slide_path)], str(tmp_path / "direct"), config, predictor=HematoxylinOracle
+    )
+    assert abs(from_store.nuclei - direct.nuclei) <= 0.02 * direct.nuclei
+    png = tmp_path / "overlay.png"
+    argv = [
+        "preview",
+        str(slide_path),
+        str(out / "synthetic.geojson.gz"),
+        "--out",
+        str(png),
+        "--region",
+        "500,400,1000,800",
+    ]
+    assert main(argv) == 0
+    from PIL import Image
+
+    image = np.asarray(Image.open(png))
+    assert image.shape == (800, 1000, 3)
+    assert ((image == (0, 230, 80)).all(axis=2)).sum() > 1000  # outlines drawn
+
+
+@pytest.mark.shared_data
+def test_real_slide_end_to_end(tmp_path: Path, checkpoint: Path) -> None:
+    cmu = shared_path("slides", "CMU-1-Small-Region.svs")
+    config = SegmentConfig(checkpoint=str(checkpoint), tile=256, overlap=48)
+    (result,) = segment_slides([str(cmu)], str(tmp_path), config, predictor=HematoxylinOracle)
+    assert result.status == "complete" and result.tiles > 0
+    summary = json.loads((tmp_path / "CMU-1-Small-Region.json").read_text())
+    assert summary["plan"]["level0_mpp"] == pytest.approx(0.499)
+    assert summary["nuclei"] > 500  # real H&E: thousands of hematoxylin blobs
