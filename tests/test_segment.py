@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
+import shapely.affinity
+import zarr
 from conftest import shared_path
 from scipy import ndimage as ndi
 from shapely.geometry import shape
@@ -66,7 +68,9 @@ def read_geojson(path: Path) -> dict:
 
 
 def test_oracle_segmentation_matches_truth(tmp_path: Path, slide_path: Path, mosaic, checkpoint):
-    config = SegmentConfig(checkpoint=str(checkpoint), tile=256, overlap=48, batch_size=4)
+    config = SegmentConfig(
+        checkpoint=str(checkpoint), tile=256, overlap=48, batch_size=4, labels=True
+    )
     (result,) = segment_slides(
         [str(slide_path)], str(tmp_path), config, predictor=HematoxylinOracle
     )
@@ -93,6 +97,23 @@ def test_oracle_segmentation_matches_truth(tmp_path: Path, slide_path: Path, mos
     summary = json.loads((tmp_path / "synthetic.json").read_text())
     assert summary["nuclei"] == len(predicted) == result.nuclei
     assert summary["model"]["mpp"] == 0.5 and summary["tissue_mm2"] > 0
+    check_label_image(tmp_path / "synthetic.labels.zarr", data["features"], downsample=2.0)
+
+
+def check_label_image(path: Path, features: list[dict], downsample: float) -> None:
+    """The label image holds each GeoJSON nucleus, at the model's mpp, under its label."""
+    labels = zarr.open_group(path, mode="r")["0"][:]
+    assert labels.shape == (1000, 1500)  # 3000 x 2000 level-0 px at 2 px per model px
+    assert len(np.unique(labels)) - 1 >= 0.98 * len(features)
+    for feature in features[:: max(1, len(features) // 30)]:
+        polygon = shapely.affinity.scale(
+            shape(feature["geometry"]), 1 / downsample, 1 / downsample, origin=(0, 0)
+        )
+        x0, y0, x1, y1 = (int(v) for v in polygon.bounds)
+        window = labels[y0 : y1 + 2, x0 : x1 + 2] == feature["properties"]["label"]
+        local = shapely.affinity.translate(polygon, -x0, -y0)
+        expected = rasterize(local, window.shape)
+        assert (window & expected).sum() >= 0.95 * max(expected.sum(), 1)
 
 
 def test_geojson_is_qupath_ready(tmp_path: Path, slide_path: Path, checkpoint: Path) -> None:

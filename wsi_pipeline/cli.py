@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-gzip", dest="gzip", action="store_const", const=False, help="write plain .geojson"
     )
+    p.add_argument(
+        "--labels", action="store_const", const=True, help="also write <slide>.labels.zarr"
+    )
     p.add_argument("--overwrite", action="store_const", const=True, help="redo complete slides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config key")
     _slide_options(p)

@@ -147,4 +147,5 @@ class SegmentConfig(StrictModel):
     simplify: float = Field(0.0, ge=0, description="polygon simplification, px at the model's mpp")
     seam_margin: float = Field(8.0, ge=0, description="px around core edges checked for duplicates")
     gzip: bool = Field(True, description="write <slide>.geojson.gz rather than .geojson")
+    labels: bool = Field(False, description="also write <slide>.labels.zarr (uint32 instances)")
     overwrite: bool = Field(False, description="redo slides that are already complete")

@@ -39,6 +39,7 @@ from wsi_pipeline.inference import (
     tile_nuclei,
 )
 from wsi_pipeline.inputs import slide_stem
+from wsi_pipeline.labels import ShardBuckets, create_label_store, write_label_shard
 from wsi_pipeline.slide import SlideError, open_slide
 from wsi_pipeline.stitching import SeamResolver
 from wsi_pipeline.store import read_layout
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 COMPLETE, SKIPPED, FAILED = "complete", "skipped", "failed"
 MPP_TOLERANCE = 0.01
 READ_CPUS = 0.5
+LABEL_SHARD_TILES = 4
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class SegmentResult:
     tissue_mm2: float = 0.0
     seconds: float = 0.0
     geojson: str = ""
+    labels: str = ""
 
 
 def output_paths(out_dir: str, stem: str, config: SegmentConfig) -> tuple[str, str]:
@@ -219,6 +222,20 @@ class _SlideWriter:
         self.geojson, self.summary = output_paths(out_dir, plan.stem, config)
         self.resolver = SeamResolver(plan.grid, margin=config.seam_margin)
         self.writer = FeatureWriter(self.geojson).open()
+        self.buckets: ShardBuckets | None = None
+        if config.labels:
+            self.label_store = str(Path(out_dir) / f"{plan.stem}.labels.zarr")
+            shard = config.tile * LABEL_SHARD_TILES
+            create_label_store(
+                self.label_store,
+                plan.width,
+                plan.height,
+                mpp=card.mpp,
+                chunk=config.tile,
+                shard=shard,
+                source=plan.slide,
+            )
+            self.buckets = ShardBuckets(self.label_store, plan.width, plan.height, shard)
         self.received = 0
         self.errors: list[str] = []
         self.start = time.perf_counter()
@@ -236,7 +253,24 @@ class _SlideWriter:
 
     def _write(self, nuclei: list[Any]) -> None:
         for nucleus in nuclei:
-            self.writer.write(nucleus_feature(nucleus.polygon, nucleus.properties))
+            feature = nucleus_feature(nucleus.polygon, nucleus.properties)
+            label = self.writer.count + 1
+            feature["properties"]["label"] = label  # its value in <slide>.labels.zarr
+            self.writer.write(feature)
+            if self.buckets is not None:
+                self.buckets.add(label, nucleus.polygon, self.plan.downsample)
+
+    def _write_labels(self) -> None:
+        import ray.data
+
+        assert self.buckets is not None
+        items = self.buckets.items()
+        if items:
+            kwargs = {"store": self.label_store, "shard": self.buckets.shards.shard}
+            ray.data.from_items(items, override_num_blocks=len(items)).map(
+                write_label_shard, fn_kwargs=kwargs
+            ).materialize()
+        self.buckets.remove()
 
     def finish(self) -> SegmentResult:
         seconds = time.perf_counter() - self.start
@@ -245,6 +279,8 @@ class _SlideWriter:
             return SegmentResult(self.plan.slide, FAILED, self.errors[0], tiles=self.received)
         self._write(self.resolver.finish())
         self.writer.close()
+        if self.buckets is not None:
+            self._write_labels()
         result = SegmentResult(
             self.plan.slide,
             COMPLETE,
@@ -253,6 +289,7 @@ class _SlideWriter:
             tissue_mm2=round(self.plan.tissue_mm2, 4),
             seconds=round(seconds, 3),
             geojson=self.geojson,
+            labels=self.label_store if self.buckets is not None else "",
         )
         summary = {
             **asdict(result),
