@@ -237,7 +237,10 @@ def _slide_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsi-pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="wsi-pipeline",
+        description="Nuclei segmentation of whole-slide images at cluster scale, with Ray.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=2048, help="longest side of the PNG")
     _slide_options(p)
     p.set_defaults(func=cmd_preview, backend="auto")
+
+    from wsi_pipeline import cli_train
+
+    cli_train.add_commands(sub)
 
     p = sub.add_parser("synth-slide", help="a synthetic pyramidal TIFF with known nuclei")
     p.add_argument("--out", required=True, help="output .tiff")

@@ -1,0 +1,201 @@
+"""Ray Train on CPU: a 2-worker run, resume from the last epoch, recovery from a worker failure.
+
+One local Ray session for all of them; a narrow U-Net on 64 px crops of a synthetic store.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_datasets import write_folder_dataset
+
+from wsi_pipeline import datasets
+from wsi_pipeline.checkpoint import load_checkpoint, read_card
+from wsi_pipeline.cli import main
+from wsi_pipeline.config import ConfigError, dump_config
+from wsi_pipeline.training import (
+    TrainConfig,
+    _Progress,
+    load_train_config,
+    run_training,
+    warmup_cosine,
+)
+
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+def tiny_config(**overrides: Any) -> TrainConfig:
+    base = {
+        "name": "tiny",
+        "model": {"name": "unet", "kwargs": {"base_channels": 8}},
+        "optimizer": {"lr": 1e-2, "warmup_epochs": 0},
+        "data": {
+            "input_size": 64,
+            "batch_size": 4,
+            "steps_per_epoch": STEPS,
+            "loader_cpus": 0.25,
+            "rows_per_task": 16,
+            "crop_seed": 0,
+        },
+        "epochs": 3,
+        "monitor": "val_dice",
+        "workers": 2,
+        "cpus_per_worker": 0.5,
+        "max_failures": 0,
+        "keep_checkpoints": 1,
+    }
+    return TrainConfig.model_validate({**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("train-data")
+    splits = ["train"] * 6 + ["val"] * 2
+    data = write_folder_dataset(root / "synthetic", n=8, size=96, splits=splits)
+    datasets.ingest_folder(data, root / "train.zarr")
+    return str(root / "train.zarr")
+
+
+def epoch_log(path: Path) -> Any:
+    """A step callback that appends ``epoch`` to ``path`` on rank 0 (pickled by value)."""
+
+    def record(epoch: int, step: int, rank: int) -> None:
+        if rank == 0:
+            with open(path, "a") as f:
+                f.write(f"{epoch}\n")
+
+    return record
+
+
+def logged_epochs(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()]
+
+
+def rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def first_run(store: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run")
+    summary = run_training(tiny_config(), store, out)
+    return out, summary
+
+
+def test_two_workers_write_the_best_checkpoint_and_improve(first_run: tuple[Path, dict]) -> None:
+    out, summary = first_run
+    history = rows(out)
+    assert [int(r["epoch"]) for r in history] == [0, 1, 2]
+    dice = [float(r["val_dice"]) for r in history]
+    assert max(dice) > dice[0] + 0.05, dice
+    assert summary["metrics"]["val_dice"] == pytest.approx(max(dice))
+
+    model, card = load_checkpoint(out / "best")
+    assert (card.architecture, card.num_classes, card.target_mode) == ("unet", 3, "3class")
+    assert card.kwargs == {"base_channels": 8} and card.mpp == 0.5
+    assert card.split["val"] == ["synthetic/tile6", "synthetic/tile7"]
+    assert card.datasets[0].startswith("synthetic: ") and card.license == "test data"
+    assert set(card.metrics) >= {"val_dice", "val_aji", "val_pq", "val_loss", "train_loss"}
+    assert card.training["workers"] == 2 and card.training["epoch"] == summary["best_epoch"]
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    assert (out / "train-config.yaml").exists()
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_resume_continues_after_the_last_epoch(
+    first_run: tuple[Path, dict], store: str, tmp_path: Path
+) -> None:
+    out, _ = first_run
+    log = tmp_path / "epochs.txt"
+    summary = run_training(tiny_config(epochs=4), store, out, step_callback=epoch_log(log))
+    assert logged_epochs(log) == [3] * STEPS  # epochs 0-2 were not run again
+    assert [int(r["epoch"]) for r in rows(out)] == [0, 1, 2, 3]
+    assert summary["last_epoch"] == 3
+    assert read_card(out / "best").training["epoch"] == summary["best_epoch"]
+
+
+def test_a_failing_worker_is_restarted_from_the_checkpoint(store: str, tmp_path: Path) -> None:
+    log, marker = tmp_path / "epochs.txt", tmp_path / "failed-once"
+
+    def fail_once(epoch: int, step: int, rank: int) -> None:
+        if rank == 0:
+            with open(log, "a") as f:
+                f.write(f"{epoch}\n")
+        if epoch == 1 and step == 2 and rank == 1 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected worker failure")
+
+    config = tiny_config(epochs=2, max_failures=1)
+    summary = run_training(config, store, tmp_path / "run", step_callback=fail_once)
+    assert marker.exists() and summary["last_epoch"] == 1
+    epochs = logged_epochs(log)
+    assert epochs.count(0) == STEPS  # epoch 0 ran once: the restart resumed from its checkpoint
+    assert STEPS + 1 <= epochs.count(1) <= STEPS + 3
+    assert [int(r["epoch"]) for r in rows(tmp_path / "run")] == [0, 1]
+
+
+def test_train_command_with_the_smoke_config(store: str, tmp_path: Path) -> None:
+    smoke = str(REPO / "configs" / "train" / "smoke.yaml")
+    out = tmp_path / "smoke"
+    assert main(["train", "--config", smoke, "--data", store, "--out", str(out)]) == 0
+    card = read_card(out / "best")
+    assert card.architecture == "unet" and card.training["config"]["data"]["store"] == store
+    assert main(["train", "--config", smoke, "--data", str(tmp_path / "none.zarr")]) == 2
+
+
+def test_smoke_config_and_model_configs_load() -> None:
+    smoke = load_train_config(REPO / "configs" / "train" / "smoke.yaml")
+    assert smoke.epochs <= 3 and smoke.data.input_size <= 128
+    names = {p.stem for p in (REPO / "configs" / "train").glob("*.yaml")} - {"smoke"}
+    from wsi_pipeline.models import list_models
+
+    assert names == set(list_models())
+    for name in names:
+        config = load_train_config(REPO / "configs" / "train" / f"{name}.yaml")
+        assert config.model.name == name and config.num_classes == 3
+
+
+def test_config_errors_name_the_key(store: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="monitor"):
+        load_train_config(None, {"monitor": "val_accuracy"})
+    with pytest.raises(ConfigError, match="data.bach_size: unknown key"):
+        load_train_config(None, {"data": {"bach_size": 2}})
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_train_config(None, {"model": {"name": "lanet"}, "data": {"input_size": 48}})
+    with pytest.raises(ConfigError, match="validation items"):
+        run_training(tiny_config(data={"val_splits": ["nope"]}), store, tmp_path)
+
+
+def test_warmup_then_cosine() -> None:
+    factors = [warmup_cosine(step, 100, 10, 0.01) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.01, abs=1e-3)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+
+
+def test_early_stopping_and_best_tracking() -> None:
+    progress = _Progress(tiny_config(early_stopping_patience=2))
+    for epoch, dice in enumerate([0.2, 0.5, 0.4, 0.45]):
+        assert not progress.stopped
+        progress.update({"epoch": epoch, "val_dice": dice})
+    assert (progress.best, progress.best_epoch, progress.stopped) == (0.5, 1, True)
+    restored = _Progress(tiny_config())
+    restored.load(progress.state())
+    assert restored.state() == progress.state()
+
+
+def test_a_run_of_another_model_is_not_resumed(store: str, tmp_path: Path) -> None:
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "train-config.yaml").write_text(dump_config(tiny_config()))
+    other = tiny_config(model={"name": "lanet"})
+    with pytest.raises(ConfigError, match="another model"):
+        run_training(other, store, tmp_path)
