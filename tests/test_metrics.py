@@ -147,3 +147,20 @@ def test_monuseg_sized_image_is_fast() -> None:
     start = time.perf_counter()
     score_image(true, pred)
     assert time.perf_counter() - start < 1.0
+
+
+def test_polygon_detection_scores_by_hand() -> None:
+    from shapely.geometry import box
+
+    from wsi_pipeline.metrics import polygon_detection_scores
+
+    truth = [box(0, 0, 10, 10), box(20, 0, 30, 10), box(40, 0, 50, 10)]
+    predicted = [
+        box(1, 0, 11, 10),  # IoU 90 / 110 = 0.818: a match
+        box(25, 0, 35, 10),  # IoU 50 / 150 = 0.333: no match
+        box(60, 0, 70, 10),  # nothing there
+    ]
+    scores = polygon_detection_scores(predicted, truth)
+    assert scores["precision"] == round(1 / 3, 4) and scores["recall"] == round(1 / 3, 4)
+    assert scores["f1"] == round(2 / 6, 4)
+    assert scores["mean_matched_iou"] == round(90 / 110, 4)

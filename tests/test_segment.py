@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import shapely
 import shapely.affinity
+import torch
 import zarr
 from conftest import shared_path
 from scipy import ndimage as ndi
@@ -231,3 +232,17 @@ def test_real_slide_end_to_end(tmp_path: Path, checkpoint: Path) -> None:
     summary = json.loads((tmp_path / "CMU-1-Small-Region.json").read_text())
     assert summary["plan"]["level0_mpp"] == pytest.approx(0.499)
     assert summary["nuclei"] > 500  # real H&E: thousands of hematoxylin blobs
+
+
+def test_half_precision_checkpoint_round_trip(tmp_path: Path) -> None:
+    from wsi_pipeline.checkpoint import load_checkpoint, resolve_checkpoint
+
+    model = create_model("unet", num_classes=3, base_channels=4).eval()
+    card = ModelCard(architecture="unet", kwargs={"base_channels": 4}, mpp=0.5)
+    path = save_checkpoint(tmp_path / "half", model, card, half=True)
+    loaded, loaded_card = load_checkpoint(resolve_checkpoint(path))
+    x = torch.rand(1, 3, 64, 64)
+    assert loaded_card.mpp == 0.5
+    assert torch.allclose(loaded(x), model(x), atol=2e-2)
+    with pytest.raises(FileNotFoundError, match="shipped models"):
+        resolve_checkpoint(tmp_path / "nothing-here")

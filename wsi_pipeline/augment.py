@@ -293,7 +293,11 @@ def crop_dataset(
     if not keys:
         raise ConfigError(f"{store.path}: no training items in the requested splits")
     blocks = max(1, math.ceil(num_samples / rows_per_task))
-    return ray.data.range(num_samples, override_num_blocks=blocks).map_batches(
+    # from_items, not range(): range() runs read tasks that each want a whole CPU, which a
+    # small machine already busy with training workers may never have free.
+    ids = [{"id": i} for i in range(num_samples)]
+    compute = ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None
+    return ray.data.from_items(ids, override_num_blocks=blocks).map_batches(
         crop_batch,
         batch_size=rows_per_task,
         fn_kwargs={
@@ -308,5 +312,5 @@ def crop_dataset(
             "seed": seed,
         },
         num_cpus=num_cpus,
-        concurrency=concurrency,
+        compute=compute,
     )

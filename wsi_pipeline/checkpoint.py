@@ -24,6 +24,8 @@ from wsi_pipeline import __version__
 
 WEIGHTS = "model.pt"
 CARD = "model.json"
+SHIPPED = Path(__file__).resolve().parent / "weights"
+DEFAULT_MODEL = "nuclei-unet16"
 
 
 class Normalization(BaseModel):
@@ -78,12 +80,21 @@ def build_model(card: ModelCard) -> nn.Module:
     )
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard) -> Path:
-    """Write ``model.pt`` and ``model.json`` into ``path`` (created if needed)."""
+def save_checkpoint(
+    path: str | Path, model: nn.Module, card: ModelCard, *, half: bool = False
+) -> Path:
+    """Write ``model.pt`` and ``model.json`` into ``path`` (created if needed).
+
+    Args:
+        half: store floating-point weights as fp16 (half the size; loading casts them back).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k.removeprefix("_orig_mod."): v.detach().cpu() for k, v in model.state_dict().items()}
-    state = {k.removeprefix("module."): v for k, v in state.items()}  # unwrap DDP
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key.removeprefix("_orig_mod.").removeprefix("module.")  # compiled / DDP wrappers
+        value = value.detach().cpu()
+        state[key] = value.half() if half and value.is_floating_point() else value
     torch.save(state, path / WEIGHTS)
     (path / CARD).write_text(card.model_dump_json(indent=2))
     return path
@@ -109,3 +120,39 @@ def load_checkpoint(
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), card
+
+
+def shipped_checkpoints() -> list[Path]:
+    """Checkpoints that ship inside the package (``wsi_pipeline/weights/<name>/``)."""
+    if not SHIPPED.is_dir():
+        return []
+    return sorted(p for p in SHIPPED.iterdir() if (p / CARD).exists() and (p / WEIGHTS).exists())
+
+
+def find_checkpoints(root: str | Path) -> list[Path]:
+    """Checkpoint directories under ``root`` (``model.json`` beside ``model.pt``)."""
+    return sorted(
+        card.parent for card in Path(root).rglob(CARD) if (card.parent / WEIGHTS).exists()
+    )
+
+
+def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
+    """A checkpoint directory from a path, a shipped model's name, or ``None`` (the default).
+
+    Raises:
+        FileNotFoundError: nothing matches; the message lists the shipped models.
+    """
+    name = DEFAULT_MODEL if checkpoint is None else str(checkpoint)
+    path = Path(name)
+    if (path / CARD).exists():
+        return path
+    shipped = {p.name: p for p in shipped_checkpoints()}
+    if name in shipped:
+        return shipped[name]
+    valid = ", ".join(shipped) or "none"
+    what = (
+        "no checkpoint given and the default model is not installed"
+        if checkpoint is None
+        else (f"{name}: not a checkpoint directory (model.json + model.pt) nor a shipped model")
+    )
+    raise FileNotFoundError(f"{what}; shipped models: {valid}")

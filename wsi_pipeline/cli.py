@@ -214,16 +214,71 @@ def _default_truth(out: str) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a slide, segment it with the default model, draw the overlay, score it."""
+    from wsi_pipeline.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)  # fails early, before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slide = out / "demo-slide.tiff"
+    slide, truth = out / "demo-slide.tiff", out / "demo-slide.truth.geojson.gz"
+    results, overlay = out / "results", out / "demo-slide-overlay.png"
     size = f"{args.size[0]}x{args.size[1]}"
-    print(f"[1/2] generating a synthetic H&E slide ({size} px at 0.25 µm/px) -> {slide}")
+    print(f"[1/4] synthetic H&E slide, {size} px at 0.25 µm/px, known nuclei -> {slide}")
     main(["synth-slide", "--out", str(slide), "--size", size, "--mpp", "0.25"])
-    print(f"[2/2] tiling it with Ray Data at 0.5 µm/px -> {out / 'tiles'}")
-    status = main(["tile", str(slide), "--out", str(out / "tiles"), "--mpp", "0.5"])
-    print(f"done: open {slide} in QuPath; the OME-Zarr store is in {out / 'tiles'}")
-    return status
+    print(f"[2/4] segmenting it with {checkpoint.name} on local Ray -> {results}")
+    argv = ["segment", str(slide), "--checkpoint", str(checkpoint), "--out", str(results)]
+    status = main([*argv, "--overwrite"])
+    if status:
+        return status
+    geojson = results / "demo-slide.geojson.gz"
+    print(f"[3/4] overlay -> {overlay}")
+    w, h = args.size
+    region = f"{w // 4},{h // 4},{min(w // 2, 2048)},{min(h // 2, 2048)}"
+    main(["preview", str(slide), str(geojson), "--out", str(overlay), "--region", region])
+    print("[4/4] scoring against the slide's ground truth")
+    print("      " + json.dumps(_score_against_truth(geojson, truth)))
+    print(
+        f"done. In QuPath: File > Open {slide.resolve()}, then File > Import objects "
+        f"(or drag) {geojson.resolve()}; the truth is {truth.resolve()}"
+    )
+    return 0
+
+
+def _score_against_truth(geojson: Path, truth: Path) -> dict[str, float]:
+    from shapely.geometry import shape
+
+    from wsi_pipeline.export import read_features
+    from wsi_pipeline.metrics import polygon_detection_scores
+
+    predicted = [shape(f["geometry"]) for f in read_features(geojson)]
+    expected = [shape(f["geometry"]) for f in read_features(truth)]
+    return polygon_detection_scores(predicted, expected)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List shipped checkpoints and those found under the given directories."""
+    from wsi_pipeline.checkpoint import (
+        DEFAULT_MODEL,
+        find_checkpoints,
+        read_card,
+        shipped_checkpoints,
+    )
+
+    rows = [("shipped", p) for p in shipped_checkpoints()]
+    rows += [("user", p) for root in args.dirs for p in find_checkpoints(root)]
+    if not rows:
+        print("no checkpoints found")
+        return 0
+    for kind, path in rows:
+        card = read_card(path)
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted(card.metrics.items())[:4])
+        default = " (default)" if kind == "shipped" and path.name == DEFAULT_MODEL else ""
+        print(
+            f"{kind:>7}  {path.name if kind == 'shipped' else path}{default}\n"
+            f"         {card.architecture} {card.kwargs or ''}, {card.num_classes} classes "
+            f"({card.target_mode}), {card.mpp} µm/px; {metrics or 'no metrics'}"
+        )
+    return 0
 
 
 # --- parser ---------------------------------------------------------------------------------
@@ -312,8 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate a slide and run the pipeline on it, locally")
     p.add_argument("--out", default="demo-output")
-    p.add_argument("--size", type=_size, default=(6144, 6144), help="WIDTHxHEIGHT in px")
+    p.add_argument("--size", type=_size, default=(4096, 4096), help="WIDTHxHEIGHT in px")
+    p.add_argument("--checkpoint", help="default: the shipped nuclei model")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", help="list shipped checkpoints and those under DIRS")
+    p.add_argument("dirs", nargs="*", help="directories to search for checkpoints (e.g. runs/)")
+    p.set_defaults(func=cmd_models)
     return parser
 
 

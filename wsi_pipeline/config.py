@@ -129,7 +129,9 @@ def dump_config(config: BaseModel) -> str:
 class SegmentConfig(StrictModel):
     """``wsi-pipeline segment``: slides (or tiling stores) → nuclei polygons per slide."""
 
-    checkpoint: str | None = Field(None, description="checkpoint directory (model.pt + model.json)")
+    checkpoint: str | None = Field(
+        None, description="checkpoint directory or shipped model name (default: nuclei-unet16)"
+    )
     tile: int = Field(512, ge=64, description="tile size in px at the model's mpp")
     overlap: int = Field(
         64, ge=0, description="px at the model's mpp; at least the largest nucleus diameter"

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import shapely
+from shapely.geometry import Polygon
 
 MATCH_IOU = 0.5
 COUNT_KEYS = ("tp", "fp", "fn", "n_true", "n_pred")
@@ -172,3 +174,34 @@ def _consecutive(labels: np.ndarray) -> tuple[np.ndarray, int]:
 
 def _ratio(num: float, den: float, empty: float = 1.0) -> float:
     return float(num / den) if den else empty
+
+
+def polygon_detection_scores(
+    predicted: Sequence[Polygon], truth: Sequence[Polygon], threshold: float = MATCH_IOU
+) -> dict[str, float]:
+    """Detection precision, recall and F1 between two sets of shapely polygons (e.g. GeoJSON).
+
+    A prediction and a true polygon match when their IoU exceeds ``threshold``; with IoU > 0.5
+    each has at most one partner, so matches are unique. Also returns the mean IoU of matches.
+    """
+    tree = shapely.STRtree(list(predicted))
+    ious = []
+    for polygon in truth:
+        for j in tree.query(polygon):
+            other = predicted[int(j)]
+            inter = polygon.intersection(other).area
+            iou = inter / (polygon.area + other.area - inter) if inter else 0.0
+            if iou > threshold:
+                ious.append(iou)
+                break
+    tp = len(ious)
+    precision = _ratio(tp, len(predicted))
+    recall = _ratio(tp, len(truth))
+    return {
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "f1": round(_ratio(2 * tp, len(predicted) + len(truth)), 4),
+        "mean_matched_iou": round(float(np.mean(ious)) if ious else 0.0, 4),
+        "n_pred": len(predicted),
+        "n_true": len(truth),
+    }

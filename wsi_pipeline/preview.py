@@ -50,7 +50,7 @@ def render_preview(
         ):
             continue
         points = (ring - (region.x0, region.y0)) / ds
-        draw.line([tuple(p) for p in points], fill=OUTLINE, width=1)
+        draw.line([tuple(p) for p in points], fill=OUTLINE, width=2)
         drawn += 1
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     image.save(out)

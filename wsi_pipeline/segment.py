@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from wsi_pipeline import __version__, storage
-from wsi_pipeline.checkpoint import ModelCard, read_card
+from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.export import FeatureWriter, nucleus_feature
 from wsi_pipeline.inference import (
@@ -324,13 +324,13 @@ def segment_slides(
     Args:
         slides: slide paths/URLs or tiling stores (``*.ome.zarr``).
         out_dir: local output directory.
-        config: the job's configuration (``config.checkpoint`` is required).
+        config: the job's configuration (no ``checkpoint``: the shipped default model).
         predictor: the callable class that turns tile batches into probabilities.
     """
 
-    if not config.checkpoint:
-        raise FileNotFoundError("no checkpoint given (--checkpoint DIR)")
-    card = read_card(config.checkpoint)
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    config = config.model_copy(update={"checkpoint": str(checkpoint)})
+    card = read_card(checkpoint)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     results: dict[str, SegmentResult] = {}
     writers: dict[str, _SlideWriter] = {}

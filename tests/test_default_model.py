@@ -1,0 +1,47 @@
+"""The shipped default model: listed, used by default, runs the demo, and keeps its accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import shared_path
+from wsi_pipeline.checkpoint import DEFAULT_MODEL, read_card, resolve_checkpoint
+from wsi_pipeline.cli import main
+
+
+def test_default_model_ships_with_a_full_card(capsys) -> None:
+    path = resolve_checkpoint(None)
+    assert path.name == DEFAULT_MODEL
+    assert (path / "model.pt").stat().st_size < 25 * 2**20
+    card = read_card(path)
+    assert card.mpp == 0.5 and card.num_classes == 3 and card.target_mode == "3class"
+    assert "non-commercial" in card.license and card.metrics["test_other_organ_aji"] > 0.4
+    assert main(["models"]) == 0
+    assert f"{DEFAULT_MODEL} (default)" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--size", "2048x2048"]) == 0
+    out = capsys.readouterr().out
+    for name in ["demo-slide.tiff", "results/demo-slide.geojson.gz", "demo-slide-overlay.png"]:
+        assert (tmp_path / name).exists(), name
+    scores = json.loads(next(line for line in out.splitlines() if '"f1"' in line))
+    # The synthetic slide's nuclei are easy: the default model finds nearly all of them.
+    assert scores["f1"] > 0.9 and scores["mean_matched_iou"] > 0.8, scores
+    assert "Import objects" in out
+
+
+@pytest.mark.shared_data
+def test_accuracy_gate_on_unseen_monuseg_images(capsys) -> None:
+    """test_other_organ was never trained or tuned on: scores stay at what the card reports."""
+    data = shared_path("monuseg_train")
+    argv = ["evaluate", "--checkpoint", str(resolve_checkpoint(None)), "--data", str(data)]
+    assert main([*argv, "--split", "test_other_organ"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    card = read_card(resolve_checkpoint(None))
+    assert result["dice"] == pytest.approx(card.metrics["test_other_organ_dice"], abs=0.02)
+    assert result["aji"] == pytest.approx(card.metrics["test_other_organ_aji"], abs=0.02)
