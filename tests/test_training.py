@@ -155,13 +155,15 @@ def test_train_command_with_the_smoke_config(store: str, tmp_path: Path) -> None
 def test_smoke_config_and_model_configs_load() -> None:
     smoke = load_train_config(REPO / "configs" / "train" / "smoke.yaml")
     assert smoke.epochs <= 3 and smoke.data.input_size <= 128
-    names = {p.stem for p in (REPO / "configs" / "train").glob("*.yaml")} - {"smoke"}
+    names = {p.stem for p in (REPO / "configs" / "train").glob("*.yaml")} - {"smoke", "default"}
     from wsi_pipeline.models import list_models
 
     assert names == set(list_models())
     for name in names:
         config = load_train_config(REPO / "configs" / "train" / f"{name}.yaml")
         assert config.model.name == name and config.num_classes == 3
+    default = load_train_config(REPO / "configs" / "train" / "default.yaml")  # the shipped model
+    assert default.model.name == "unet" and default.num_classes == 3
 
 
 def test_config_errors_name_the_key(store: str, tmp_path: Path) -> None:
