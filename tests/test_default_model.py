@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import shared_path
+
 from wsi_pipeline.checkpoint import DEFAULT_MODEL, read_card, resolve_checkpoint
 from wsi_pipeline.cli import main
 

@@ -68,6 +68,16 @@ class FeatureWriter:
         self._file.write(json.dumps(feature, separators=(",", ":")))
         self.count += 1
 
+    def write_raw(self, text: str, count: int) -> None:
+        """Append ``count`` features already serialised and joined by ``",\\n"``."""
+        assert self._file is not None, "call open() first (or use a with block)"
+        if not count:
+            return
+        if self.count:
+            self._file.write(",\n")
+        self._file.write(text)
+        self.count += count
+
     def close(self) -> None:
         """Finish the collection and move it to its final name."""
         assert self._file is not None and self._tmp is not None

@@ -18,10 +18,15 @@ import torch
 from shapely.geometry import Polygon
 
 from wsi_pipeline.checkpoint import ModelCard, load_checkpoint
+from wsi_pipeline.export import nucleus_feature
 from wsi_pipeline.instances import instances_from_probabilities, mean_class_probability
 from wsi_pipeline.polygons import label_polygons, largest_polygon
 from wsi_pipeline.stitching import Nucleus, owned_instances
 from wsi_pipeline.tiling import Tile, TileGrid
+
+# Labels are unique across a slide without coordination: tile index * LABELS_PER_TILE + k.
+# uint32 then holds 262,144 tiles of up to 16,383 nuclei each.
+LABELS_PER_TILE = 2**14
 
 
 def choose_device(device: str = "auto") -> torch.device:
@@ -122,19 +127,24 @@ def tile_nuclei(
     mean_prob = mean_class_probability(labels, probs)
     labels = np.where(np.isin(labels, keep), labels, 0)
     offset = (tile.box.x0 * downsample, tile.box.y0 * downsample)
+    first_label = (tile.row * grid.cols + tile.col) * LABELS_PER_TILE
+    polygons = label_polygons(labels, offset=offset, scale=downsample, simplify=simplify)
     nuclei = []
-    for label, polygon in label_polygons(
-        labels, offset=offset, scale=downsample, simplify=simplify
-    ):
+    for k, (label, polygon) in enumerate(polygons, start=1):
         c = polygon.centroid
         measurements = shape_measurements(polygon, level0_mpp)
         measurements["Nucleus probability"] = round(float(mean_prob[label - 1]), 4)
-        nuclei.append(
-            Nucleus(
-                polygon, (c.x / downsample, c.y / downsample), (tile.col, tile.row), measurements
-            )
-        )
+        centroid = (c.x / downsample, c.y / downsample)
+        tile_index = (tile.col, tile.row)
+        nuclei.append(Nucleus(polygon, centroid, tile_index, measurements, first_label + k))
     return nuclei
+
+
+def nucleus_json(nucleus: Nucleus) -> str:
+    """One nucleus as a QuPath GeoJSON feature (with a fresh UUID and its label), serialised."""
+    feature = nucleus_feature(nucleus.polygon, nucleus.properties)
+    feature["properties"]["label"] = nucleus.label
+    return json.dumps(feature, separators=(",", ":"))
 
 
 def nuclei_to_json(nuclei: list[Nucleus]) -> str:
@@ -146,6 +156,7 @@ def nuclei_to_json(nuclei: list[Nucleus]) -> str:
                 "c": n.centroid,
                 "t": n.tile,
                 "m": n.properties,
+                "l": n.label,
             }
             for n in nuclei
         ],
@@ -159,5 +170,5 @@ def nuclei_from_json(text: str) -> list[Nucleus]:
         # Rounding coordinates can, rarely, make a thin polygon invalid: repair it.
         polygon = largest_polygon(Polygon(d["xy"]))
         if polygon is not None:
-            nuclei.append(Nucleus(polygon, tuple(d["c"]), tuple(d["t"]), d["m"]))
+            nuclei.append(Nucleus(polygon, tuple(d["c"]), tuple(d["t"]), d["m"], d["l"]))
     return nuclei

@@ -30,18 +30,19 @@ import zarr
 from wsi_pipeline import __version__, storage
 from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint
 from wsi_pipeline.config import SegmentConfig
-from wsi_pipeline.export import FeatureWriter, nucleus_feature
+from wsi_pipeline.export import FeatureWriter
 from wsi_pipeline.inference import (
     Predictor,
     dequantize,
     nuclei_from_json,
     nuclei_to_json,
+    nucleus_json,
     tile_nuclei,
 )
 from wsi_pipeline.inputs import slide_stem
 from wsi_pipeline.labels import ShardBuckets, create_label_store, write_label_shard
 from wsi_pipeline.slide import SlideError, open_slide
-from wsi_pipeline.stitching import SeamResolver
+from wsi_pipeline.stitching import SeamResolver, seam_neighbours
 from wsi_pipeline.store import read_layout
 from wsi_pipeline.store import read_region as read_store_region
 from wsi_pipeline.tiling import TileGrid, grid_size
@@ -184,11 +185,18 @@ def read_tile(row: dict[str, Any], mpp: float, mpp_override: float | None) -> di
     return row
 
 
-def postprocess_tile(row: dict[str, Any], card_json: str, simplify: float) -> dict[str, Any]:
-    """Replace a tile's probabilities by the nuclei it owns (JSON)."""
+def postprocess_tile(
+    row: dict[str, Any], card_json: str, simplify: float, seam_margin: float, keep_all: bool
+) -> dict[str, Any]:
+    """Replace a tile's probabilities by the nuclei it owns.
+
+    Nuclei no other tile can have claimed leave as finished GeoJSON text (``features``, so the
+    driver only copies them); those near a seam leave as polygons (``nuclei``) for the driver's
+    :class:`SeamResolver`. With ``keep_all`` every nucleus goes the second way.
+    """
     probs = row.pop("probs")
+    row["features"], row["count"], row["nuclei"] = "", 0, "[]"
     if row["error"]:
-        row["nuclei"] = "[]"
         return row
     plan = SlidePlan(**json.loads(row["plan"]))
     card = ModelCard.model_validate_json(card_json)
@@ -203,9 +211,14 @@ def postprocess_tile(row: dict[str, Any], card_json: str, simplify: float) -> di
             level0_mpp=plan.level0_mpp,
             simplify=simplify,
         )
-        row["nuclei"] = nuclei_to_json(nuclei)
     except Exception as exc:
-        row["error"], row["nuclei"] = _one_line(exc), "[]"
+        row["error"] = _one_line(exc)
+        return row
+    on_seam = [keep_all or bool(seam_neighbours(grid, n, seam_margin)) for n in nuclei]
+    final = [n for n, seam in zip(nuclei, on_seam, strict=True) if not seam]
+    row["features"] = ",\n".join(nucleus_json(n) for n in final)
+    row["count"] = len(final)
+    row["nuclei"] = nuclei_to_json([n for n, seam in zip(nuclei, on_seam, strict=True) if seam])
     return row
 
 
@@ -214,7 +227,7 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-class _SlideWriter:
+class SlideOutputs:
     """One slide's outputs, fed tile by tile on the driver."""
 
     def __init__(self, plan: SlidePlan, out_dir: str, card: ModelCard, config: SegmentConfig):
@@ -248,17 +261,15 @@ class _SlideWriter:
         self.received += 1
         if row["error"]:
             self.errors.append(row["error"])
+        self.writer.write_raw(row["features"], row["count"])
         nuclei = nuclei_from_json(row["nuclei"])
         self._write(self.resolver.add((row["col"], row["row"]), nuclei))
 
     def _write(self, nuclei: list[Any]) -> None:
         for nucleus in nuclei:
-            feature = nucleus_feature(nucleus.polygon, nucleus.properties)
-            label = self.writer.count + 1
-            feature["properties"]["label"] = label  # its value in <slide>.labels.zarr
-            self.writer.write(feature)
+            self.writer.write_raw(nucleus_json(nucleus), 1)
             if self.buckets is not None:
-                self.buckets.add(label, nucleus.polygon, self.plan.downsample)
+                self.buckets.add(nucleus.label, nucleus.polygon, self.plan.downsample)
 
     def _write_labels(self) -> None:
         import ray.data
@@ -332,8 +343,10 @@ def segment_slides(
     config = config.model_copy(update={"checkpoint": str(checkpoint)})
     card = read_card(checkpoint)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for leftover in Path(out_dir).glob(".tmp-*.geojson"):  # from a driver that was killed
+        leftover.unlink()
     results: dict[str, SegmentResult] = {}
-    writers: dict[str, _SlideWriter] = {}
+    writers: dict[str, SlideOutputs] = {}
     rows: list[dict[str, Any]] = []
     for slide in slides:
         stem = slide_stem(slide)
@@ -346,7 +359,7 @@ def segment_slides(
             results[slide] = SegmentResult(slide, FAILED, _one_line(exc))
             logger.warning("%s: failed: %s", slide, results[slide].reason)
             continue
-        writers[slide] = _SlideWriter(plan, out_dir, card, config)
+        writers[slide] = SlideOutputs(plan, out_dir, card, config)
         plan_json = json.dumps(asdict(plan))
         rows += [
             {"slide": slide, "plan": plan_json, "col": c, "row": r, "error": ""}
@@ -392,7 +405,12 @@ def _graph(rows: list[dict[str, Any]], card: ModelCard, config: SegmentConfig, p
         )
         .map(
             postprocess_tile,
-            fn_kwargs={"card_json": card.model_dump_json(), "simplify": config.simplify},
+            fn_kwargs={
+                "card_json": card.model_dump_json(),
+                "simplify": config.simplify,
+                "seam_margin": config.seam_margin,
+                "keep_all": config.labels,  # the label image needs every polygon on the driver
+            },
             num_cpus=1,
         )
     )

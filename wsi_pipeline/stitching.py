@@ -71,12 +71,25 @@ def _labels_on_inner_edges(labels: np.ndarray, tile: Tile, grid: TileGrid) -> se
 
 @dataclass
 class Nucleus:
-    """One kept instance: its level-0 polygon, grid-px centroid, owning tile and properties."""
+    """One kept instance: level-0 polygon, grid-px centroid, owning tile, label, measurements."""
 
     polygon: Polygon
     centroid: tuple[float, float]
     tile: TileIndex
     properties: dict[str, Any] = field(default_factory=dict)
+    label: int = 0
+
+
+def seam_neighbours(grid: TileGrid, nucleus: Nucleus, margin: float) -> set[TileIndex]:
+    """Other tiles owning a point within ``margin`` px of the nucleus' centroid.
+
+    Empty for the nuclei no other tile can also have claimed: those are final at once.
+    """
+    x, y = nucleus.centroid
+    owners = {
+        grid.owner(x + dx, y + dy) for dx in (-margin, 0, margin) for dy in (-margin, 0, margin)
+    }
+    return owners - {nucleus.tile}
 
 
 @dataclass
@@ -100,17 +113,11 @@ class SeamResolver:
         self.pending: list[_Pending] = []
         self.dropped = 0
 
-    def _neighbourhood(self, nucleus: Nucleus) -> set[TileIndex]:
-        x, y = nucleus.centroid
-        m = self.margin
-        owners = {self.grid.owner(x + dx, y + dy) for dx in (-m, 0, m) for dy in (-m, 0, m)}
-        return owners - {nucleus.tile}
-
     def add(self, tile: TileIndex, nuclei: Iterable[Nucleus]) -> list[Nucleus]:
         """Register a finished tile; returns the nuclei that are now final."""
         ready = []
         for nucleus in nuclei:
-            near = self._neighbourhood(nucleus)
+            near = seam_neighbours(self.grid, nucleus, self.margin)
             if near:
                 self.pending.append(_Pending(nucleus, near))
             else:
