@@ -15,7 +15,6 @@ re-running skips complete stores and writes only the shards an interrupted run l
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -28,7 +27,7 @@ import numpy as np
 from wsi_pipeline import storage
 from wsi_pipeline.config import TileConfig
 from wsi_pipeline.inputs import slide_stem
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.slide import error_line, open_slide
 from wsi_pipeline.store import (
     StoreLayout,
     create_store,
@@ -116,7 +115,7 @@ def plan_slide(row: dict[str, Any], config: TileConfig) -> Iterator[dict[str, An
         if not resumable:
             create_store(store, layout, tissue.mask, tissue.mpp, name=slide_stem(slide_path))
     except Exception as exc:  # any broken slide is a failed row, never a crash
-        yield _row(slide_path, store, FAILED, reason=_one_line(exc))
+        yield _row(slide_path, store, FAILED, reason=error_line(exc))
         return
     shards = layout.shards
     todo = []
@@ -170,7 +169,7 @@ def write_shard_row(row: dict[str, Any], config: TileConfig) -> dict[str, Any]:
         )
         write_shard(row["store"], layout, row["shard_col"], row["shard_row"], pixels)
     except Exception as exc:  # reported per slide in the summary; the batch goes on
-        return {**row, "status": FAILED, "reason": _one_line(exc), "layout": "{}", "chunks": "[]"}
+        return {**row, "status": FAILED, "reason": error_line(exc), "layout": "{}", "chunks": "[]"}
     return {**row, "status": "written", "seconds": time.perf_counter() - start, "layout": "{}"}
 
 
@@ -187,11 +186,6 @@ def read_shard(
         y, x = box.y0 - row * s, box.x0 - col * s
         pixels[:, y : y + t, x : x + t] = np.moveaxis(tile, -1, 0)
     return pixels
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 class _Tracker:
@@ -269,11 +263,6 @@ def tile_slides(slides: list[str], out_dir: str, config: TileConfig) -> list[Sli
     return list(tracker.results.values())
 
 
-def write_summary(results: list[SlideResult], path: str) -> None:
-    """The batch summary: one CSV row per slide with its status and, if it failed, why."""
-    columns = ["slide", "output", "status", "reason", "shards", "tiles", "seconds"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for result in results:
-            writer.writerow({**asdict(result), "seconds": round(result.seconds, 3)})
+def write_summary(results: list[Any], path: str) -> None:
+    """The batch summary: one CSV row per slide (status, and the reason if it failed)."""
+    storage.write_results_csv(results, path, exclude=("errors",))

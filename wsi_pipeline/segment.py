@@ -15,7 +15,6 @@ last, atomically); re-running skips complete slides and redoes the others from s
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -41,7 +40,7 @@ from wsi_pipeline.inference import (
 )
 from wsi_pipeline.inputs import slide_stem
 from wsi_pipeline.labels import ShardBuckets, create_label_store, write_label_shard
-from wsi_pipeline.slide import SlideError, open_slide
+from wsi_pipeline.slide import SlideError, error_line, open_slide
 from wsi_pipeline.stitching import SeamResolver, seam_neighbours
 from wsi_pipeline.store import read_layout
 from wsi_pipeline.store import read_region as read_store_region
@@ -179,7 +178,7 @@ def read_tile(row: dict[str, Any], mpp: float, mpp_override: float | None) -> di
             ds = plan.downsample
             image = slide.read_region(box.x0 * ds, box.y0 * ds, box.width, box.height, mpp=mpp)
     except Exception as exc:  # reported for the slide; the batch goes on
-        row["error"] = _one_line(exc)
+        row["error"] = error_line(exc)
         image = np.full((plan.tile, plan.tile, 3), 255, dtype=np.uint8)
     row["image"] = image
     return row
@@ -212,7 +211,7 @@ def postprocess_tile(
             simplify=simplify,
         )
     except Exception as exc:
-        row["error"] = _one_line(exc)
+        row["error"] = error_line(exc)
         return row
     on_seam = [keep_all or bool(seam_neighbours(grid, n, seam_margin)) for n in nuclei]
     final = [n for n, seam in zip(nuclei, on_seam, strict=True) if not seam]
@@ -220,11 +219,6 @@ def postprocess_tile(
     row["count"] = len(final)
     row["nuclei"] = nuclei_to_json([n for n, seam in zip(nuclei, on_seam, strict=True) if seam])
     return row
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 class SlideOutputs:
@@ -356,7 +350,7 @@ def segment_slides(
         try:
             plan = plan_slide(slide, card, config)
         except Exception as exc:  # any broken slide is a failed row, never a crash
-            results[slide] = SegmentResult(slide, FAILED, _one_line(exc))
+            results[slide] = SegmentResult(slide, FAILED, error_line(exc))
             logger.warning("%s: failed: %s", slide, results[slide].reason)
             continue
         writers[slide] = SlideOutputs(plan, out_dir, card, config)
@@ -416,10 +410,6 @@ def _graph(rows: list[dict[str, Any]], card: ModelCard, config: SegmentConfig, p
     )
 
 
-def write_summary(results: list[SegmentResult], path: str) -> None:
+def write_summary(results: list[Any], path: str) -> None:
     """The batch summary: one CSV row per slide (status, and the reason if it failed)."""
-    columns = list(SegmentResult.__dataclass_fields__)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
+    storage.write_results_csv(results, path)

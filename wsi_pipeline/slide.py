@@ -34,6 +34,12 @@ class SlideError(Exception):
     """A slide cannot be opened or read; the message says which and why, in one line."""
 
 
+def error_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type if it has none), for summaries."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class _Reader(Protocol):
     level_count: int
     level_dimensions: tuple[tuple[int, int], ...]
@@ -277,8 +283,7 @@ def _open_uncached(path: str, backend: Backend, mpp_override: float | None) -> S
     except SlideError:
         raise
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SlideError(f"{path}: not a readable slide ({detail})") from exc
+        raise SlideError(f"{path}: not a readable slide ({error_line(exc)})") from exc
     mpp = mpp_override if mpp_override is not None else _mpp_from_properties(reader.properties)
     return Slide(path, chosen, reader, mpp)
 

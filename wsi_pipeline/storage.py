@@ -6,6 +6,8 @@ temporary file and a rename; on object stores a single ``put`` is already all-or
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import os
 import tempfile
 from typing import Any
@@ -65,3 +67,12 @@ def remove_tree(path: str) -> None:
     fs, inner = filesystem(path)
     if fs.exists(inner):
         fs.rm(inner, recursive=True)
+
+
+def write_results_csv(results: list[Any], path: str, *, exclude: tuple[str, ...] = ()) -> None:
+    """A batch summary: one CSV row per result dataclass, its fields as columns."""
+    rows = [{k: v for k, v in dataclasses.asdict(r).items() if k not in exclude} for r in results]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
