@@ -99,59 +99,58 @@ def _config(model: type, args: argparse.Namespace) -> Any:
     return load_config(model, args.config, {**overrides, **parse_assignments(args.set)})
 
 
-def cmd_tile(args: argparse.Namespace) -> int:
-    from wsi_pipeline.config import TileConfig, dump_config
+def _run_batch(
+    args: argparse.Namespace,
+    model: type,
+    run: Callable[..., list[Any]],
+    name: str,
+    describe: Callable[[Any], str],
+) -> int:
+    """What tile and segment share: config, inputs, Ray, the run, saved config, summary, report."""
+    from wsi_pipeline.config import dump_config
     from wsi_pipeline.inputs import expand_inputs
-    from wsi_pipeline.pipeline import tile_slides, write_summary
+    from wsi_pipeline.storage import write_results_csv
 
-    config = _config(TileConfig, args)
+    config = _config(model, args)
     slides = expand_inputs(args.inputs)
     _init_ray()
     start = time.perf_counter()
-    results = tile_slides(slides, args.out, config)
-    Path(args.out, "tile-config.yaml").write_text(dump_config(config))
-    write_summary(results, os.path.join(args.out, "summary.csv"))
-    _print_results(results, time.perf_counter() - start)
-    return EXIT_FAILED if any(r.status == "failed" for r in results) else 0
-
-
-def _print_results(results: Sequence[Any], seconds: float) -> None:
+    results = run(slides, args.out, config)
+    Path(args.out, f"{name}-config.yaml").write_text(dump_config(config))
+    summary = os.path.join(args.out, "summary.csv")
+    write_results_csv(results, summary, exclude=("errors",))
     for r in results:
-        detail = r.reason if r.reason else f"{r.shards} shards, {r.tiles} tiles written"
-        print(f"{r.status:>9}  {r.slide}  ->  {r.output}  ({detail})")
+        print(f"{r.status:>9}  {r.slide}  ({r.reason or describe(r)})")
     counts = {s: sum(r.status == s for r in results) for s in ("complete", "skipped", "failed")}
     print(
-        f"{len(results)} slides in {seconds:.1f} s: {counts['complete']} complete, "
-        f"{counts['skipped']} skipped, {counts['failed']} failed"
+        f"{len(results)} slides in {time.perf_counter() - start:.1f} s: "
+        f"{counts['complete']} complete, {counts['skipped']} skipped, {counts['failed']} failed; "
+        f"summary: {summary}"
     )
+    return EXIT_FAILED if counts["failed"] else 0
+
+
+def cmd_tile(args: argparse.Namespace) -> int:
+    from wsi_pipeline.config import TileConfig
+    from wsi_pipeline.pipeline import tile_slides
+
+    def describe(r: Any) -> str:
+        return f"{r.shards} shards, {r.tiles} tiles -> {r.output}"
+
+    return _run_batch(args, TileConfig, tile_slides, "tile", describe)
 
 
 # --- segment --------------------------------------------------------------------------------
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from wsi_pipeline.config import SegmentConfig, dump_config
-    from wsi_pipeline.inputs import expand_inputs
-    from wsi_pipeline.segment import segment_slides, write_summary
+    from wsi_pipeline.config import SegmentConfig
+    from wsi_pipeline.segment import segment_slides
 
-    config = _config(SegmentConfig, args)
-    slides = expand_inputs(args.inputs)
-    _init_ray()
-    start = time.perf_counter()
-    results = segment_slides(slides, args.out, config)
-    Path(args.out, "segment-config.yaml").write_text(dump_config(config))
-    write_summary(results, os.path.join(args.out, "summary.csv"))
-    for r in results:
-        detail = r.reason or f"{r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s -> {r.geojson}"
-        print(f"{r.status:>9}  {r.slide}  ({detail})")
-    failed = sum(r.status == "failed" for r in results)
-    print(
-        f"{len(results)} slides in {time.perf_counter() - start:.1f} s: "
-        f"{sum(r.status == 'complete' for r in results)} complete, "
-        f"{sum(r.status == 'skipped' for r in results)} skipped, {failed} failed; "
-        f"summary: {os.path.join(args.out, 'summary.csv')}"
-    )
-    return EXIT_FAILED if failed else 0
+    def describe(r: Any) -> str:
+        return f"{r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s -> {r.geojson}"
+
+    return _run_batch(args, SegmentConfig, segment_slides, "segment", describe)
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

@@ -261,8 +261,3 @@ def tile_slides(slides: list[str], out_dir: str, config: TileConfig) -> list[Sli
         if result.status == "pending":  # planned shards that never reported back
             result.status, result.reason = FAILED, "not all shards were written"
     return list(tracker.results.values())
-
-
-def write_summary(results: list[Any], path: str) -> None:
-    """The batch summary: one CSV row per slide (status, and the reason if it failed)."""
-    storage.write_results_csv(results, path, exclude=("errors",))

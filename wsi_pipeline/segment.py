@@ -408,8 +408,3 @@ def _graph(rows: list[dict[str, Any]], card: ModelCard, config: SegmentConfig, p
             num_cpus=1,
         )
     )
-
-
-def write_summary(results: list[Any], path: str) -> None:
-    """The batch summary: one CSV row per slide (status, and the reason if it failed)."""
-    storage.write_results_csv(results, path)
