@@ -24,8 +24,7 @@ import torch
 from PIL import Image
 
 from wsi_pipeline import augment, datasets
-from wsi_pipeline.checkpoint import build_model
-from wsi_pipeline.evaluation import choose_device, normalize
+from wsi_pipeline.checkpoint import build_model, choose_device, normalize
 from wsi_pipeline.losses import create_loss
 from wsi_pipeline.synthetic import synthetic_tile
 from wsi_pipeline.training import TrainConfig, base_card, load_train_config, make_optimizer

@@ -37,6 +37,20 @@ class Normalization(BaseModel):
     std: list[float] = Field(default_factory=lambda: [0.25, 0.25, 0.25])
 
 
+def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → (B, 3, H, W) float, ``(x / 255 - mean) / std``."""
+    mean = torch.tensor(norm.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(norm.std, device=images.device).view(1, -1, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 class PostProcess(BaseModel):
     """Arguments of :func:`wsi_pipeline.instances.instances_from_probabilities` for this model."""
 

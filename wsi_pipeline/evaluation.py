@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from wsi_pipeline.checkpoint import Normalization, load_checkpoint
+from wsi_pipeline.checkpoint import Normalization, choose_device, load_checkpoint, normalize
 from wsi_pipeline.config import ConfigError
 from wsi_pipeline.datasets import (
     FolderEntry,
@@ -43,13 +43,6 @@ logger = logging.getLogger(__name__)
 
 PRED_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 SCORES = ("dice", "iou", "aji", "pq", "dq", "sq", "f1")
-
-
-def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
-    """(B, H, W, 3) uint8 → (B, 3, H, W) float, ``(x / 255 - mean) / std``."""
-    mean = torch.tensor(norm.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(norm.std, device=images.device).view(1, -1, 1, 1)
-    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
 def predict_logits(
@@ -179,13 +172,6 @@ def evaluate_predictions(
             yield entry.id, true, pred
 
     return {**report(pairs()), "pred": str(pred_root), "data": str(data_dir)}
-
-
-def choose_device(device: str = "auto") -> torch.device:
-    """``"auto"``: CUDA if available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from shapely.geometry import Polygon
 
-from wsi_pipeline.checkpoint import ModelCard, load_checkpoint
+from wsi_pipeline.checkpoint import ModelCard, choose_device, load_checkpoint, normalize
 from wsi_pipeline.export import nucleus_feature
 from wsi_pipeline.instances import instances_from_probabilities, mean_class_probability
 from wsi_pipeline.polygons import label_polygons, largest_polygon
@@ -27,12 +27,6 @@ from wsi_pipeline.tiling import Tile, TileGrid
 # Labels are unique across a slide without coordination: tile index * LABELS_PER_TILE + k.
 # uint32 then holds 262,144 tiles of up to 16,383 nuclei each.
 LABELS_PER_TILE = 2**14
-
-
-def choose_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class Predictor:
@@ -49,9 +43,6 @@ class Predictor:
         model, self.card = load_checkpoint(checkpoint, device=self.device)
         self.model = model.to(memory_format=torch.channels_last)
         self.tta = tta
-        norm = self.card.normalization
-        self._mean = torch.tensor(norm.mean, device=self.device).view(1, -1, 1, 1)
-        self._std = torch.tensor(norm.std, device=self.device).view(1, -1, 1, 1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
@@ -62,7 +53,7 @@ class Predictor:
     def predict(self, images: np.ndarray) -> np.ndarray:
         """``(B, H, W, 3)`` uint8 → ``(B, K, H, W)`` float32 probabilities."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float().div_(255).sub_(self._mean).div_(self._std)
+        x = normalize(x, self.card.normalization)
         x = x.contiguous(memory_format=torch.channels_last)
         probs = self._probabilities(x)
         if self.tta:

@@ -46,11 +46,12 @@ from wsi_pipeline.checkpoint import (
     Normalization,
     PostProcess,
     build_model,
+    normalize,
     save_checkpoint,
 )
 from wsi_pipeline.config import ConfigError, StrictModel, dump_config, load_config
 from wsi_pipeline.datasets import TrainingStore, open_store
-from wsi_pipeline.evaluation import SCORES, normalize, score_tiles
+from wsi_pipeline.evaluation import SCORES, score_tiles
 from wsi_pipeline.losses import create_loss, list_losses
 from wsi_pipeline.targets import num_classes
 
