@@ -23,11 +23,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wsi_pipeline import augment, datasets
+from wsi_pipeline import datasets
 from wsi_pipeline.checkpoint import build_model, choose_device, normalize
 from wsi_pipeline.losses import create_loss
 from wsi_pipeline.synthetic import synthetic_tile
-from wsi_pipeline.training import TrainConfig, base_card, load_train_config, make_optimizer
+from wsi_pipeline.training import (
+    TrainConfig,
+    base_card,
+    load_train_config,
+    make_optimizer,
+    training_crops,
+)
 
 
 def synthetic_store(root: Path, n: int = 12, size: int = 512) -> str:
@@ -48,17 +54,7 @@ def loader_rate(store: datasets.TrainingStore, config: TrainConfig, batches: int
     """Crops/s delivered by the Ray Data pipeline to one consumer, after one warm-up batch."""
     data = config.data
     keys = store.keys(data.train_splits) or store.keys()
-    dataset = augment.crop_dataset(
-        store,
-        keys,
-        (batches + 1) * data.batch_size,
-        size=data.input_size,
-        augment=data.augment,
-        rows_per_task=data.rows_per_task,
-        num_cpus=data.loader_cpus,
-        concurrency=data.loader_tasks,
-        cache_mb=data.cache_mb,
-    )
+    dataset = training_crops(store, keys, (batches + 1) * data.batch_size, data)
     iterator = iter(
         dataset.iter_torch_batches(
             batch_size=data.batch_size, prefetch_batches=data.prefetch_batches

@@ -207,6 +207,26 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def training_crops(
+    store: TrainingStore, keys: list[str], num_samples: int, data: DataSection
+) -> Any:
+    """The augmented-crop Ray Dataset that ``data`` describes (training and its benchmark)."""
+    return crop_dataset(
+        store,
+        keys,
+        num_samples,
+        size=data.input_size,
+        augment=data.augment,
+        target_mode=data.target_mode,
+        boundary_width=data.boundary_width,
+        rows_per_task=data.rows_per_task,
+        num_cpus=data.loader_cpus,
+        concurrency=data.loader_tasks,
+        cache_mb=data.cache_mb,
+        seed=data.crop_seed,
+    )
+
+
 def split_keys(store: TrainingStore, data: DataSection) -> tuple[list[str], list[str]]:
     """Training and validation item keys of a store."""
     train = store.keys(data.train_splits)
@@ -640,19 +660,8 @@ def run_training(
     steps = default_steps(store, train_keys, config)
     # The workers log progress per epoch; Ray Data's per-execution bars would repeat it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = crop_dataset(
-        store,
-        train_keys,
-        steps * config.data.batch_size * config.workers,
-        size=config.data.input_size,
-        augment=config.data.augment,
-        target_mode=config.data.target_mode,
-        boundary_width=config.data.boundary_width,
-        rows_per_task=config.data.rows_per_task,
-        num_cpus=config.data.loader_cpus,
-        concurrency=config.data.loader_tasks,
-        cache_mb=config.data.cache_mb,
-        seed=config.data.crop_seed,
+    dataset = training_crops(
+        store, train_keys, steps * config.data.batch_size * config.workers, config.data
     )
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.gpu else {})}
     trainer = TorchTrainer(
