@@ -18,7 +18,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,7 @@ def tile_rows(size: int, tile: int, overlap: int, keep_all: bool) -> tuple[Slide
         probs = ndi.gaussian_filter(one_hot(make_target(labels), 3), sigma=(0, 1, 1))
         row = {
             "slide": "bench",
-            "plan": json.dumps(asdict(plan)),
+            "plan": plan.row_json(),
             "col": t.col,
             "row": t.row,
             "error": "",

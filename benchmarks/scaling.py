@@ -161,7 +161,7 @@ def predictor_rate(slide: str, config: SegmentConfig, tiles: int) -> tuple[float
     assert config.checkpoint
     card = read_card(config.checkpoint)
     plan = plan_slide(slide, card, config)
-    plan_json = json.dumps(plan.__dict__)
+    plan_json = plan.row_json()
     rows = [{"plan": plan_json, "col": c, "row": r} for c, r in plan.tiles[:tiles]]
     images = np.stack([read_tile(row, card.mpp, None)["image"] for row in rows])
     predictor = Predictor(config.checkpoint, device=config.device)

@@ -119,7 +119,7 @@ def main() -> None:
         card = read_card(checkpoint)
         plan = plan_slide(slide, card, config)
         rows = [
-            {"slide": slide, "plan": json.dumps(plan.__dict__), "col": c, "row": r, "error": ""}
+            {"slide": slide, "plan": plan.row_json(), "col": c, "row": r, "error": ""}
             for c, r in plan.tiles
         ]
         result: dict[str, object] = {

@@ -77,6 +77,11 @@ class SlidePlan:
     def grid(self) -> TileGrid:
         return TileGrid(self.width, self.height, self.tile, self.overlap)
 
+    def row_json(self) -> str:
+        """The plan as each tile's row carries it: without the tile list, which tasks never use
+        and which would make a slide's rows grow with the square of its tile count."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "tiles"})
+
 
 @dataclass
 class SegmentResult:
@@ -354,7 +359,7 @@ def segment_slides(
             logger.warning("%s: failed: %s", slide, results[slide].reason)
             continue
         writers[slide] = SlideOutputs(plan, out_dir, card, config)
-        plan_json = json.dumps(asdict(plan))
+        plan_json = plan.row_json()
         rows += [
             {"slide": slide, "plan": plan_json, "col": c, "row": r, "error": ""}
             for c, r in plan.tiles
