@@ -24,6 +24,18 @@ def test_tissue_blob_found_and_specks_dropped() -> None:
     assert abs(int(mask.sum()) - 100 * 120) < 600
 
 
+def test_region_covered_by_tissue_keeps_its_pale_half() -> None:
+    # No glass: Otsu alone would split dark from pale tissue (threshold ~0.35 here).
+    rgb = np.zeros((200, 200, 3), dtype=np.uint8)
+    rgb[:, :100] = (150, 60, 160)  # dense, saturation 0.63
+    rgb[:, 100:] = (230, 190, 215)  # pale stroma, saturation 0.17
+    assert tissue_mask_from_rgb(rgb, mpp=8.0).all()
+    # and on a slide with glass, the pale tissue still counts while the glass does not
+    rgb[:, 150:] = 245
+    mask = tissue_mask_from_rgb(rgb, mpp=8.0)
+    assert mask[:, :140].all() and not mask[:, 160:].any()
+
+
 def test_synthetic_slide_tissue_matches_layout(slide_path: Path, mosaic) -> None:
     tissue = detect_tissue(open_slide(slide_path), mask_mpp=8.0)
     truth = mosaic.render(Box(0, 0, 3000, 2000)).min(axis=2) < 250

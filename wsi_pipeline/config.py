@@ -27,7 +27,10 @@ class TissueConfig(StrictModel):
     """Tissue detection on a thumbnail."""
 
     mask_mpp: float = Field(8.0, gt=0, description="resolution of the tissue mask, µm/px")
-    min_saturation: float = Field(0.07, ge=0, le=1)
+    min_saturation: float = Field(0.07, ge=0, le=1, description="floor of the Otsu threshold")
+    max_saturation: float = Field(
+        0.15, ge=0, le=1, description="ceiling of the Otsu threshold (regions with no glass)"
+    )
     min_area_um2: float = Field(10_000.0, ge=0, description="drop tissue specks smaller than this")
     min_fraction: float = Field(
         0.0, ge=0, le=1, description="a tile is kept if at least this share is tissue (0: any)"

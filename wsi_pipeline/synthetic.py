@@ -201,6 +201,10 @@ class MosaicSlide:
                 if self._tissue[index]:
                     yield index, Box(col * cell, row * cell, (col + 1) * cell, (row + 1) * cell)
 
+    def tissue_cells(self) -> Iterator[tuple[int, Box]]:
+        """``(cell index, level-0 box)`` of every tissue cell: one transformed source tile each."""
+        return self._cells(Box(0, 0, self.width, self.height), self.cell)
+
     def _paste(self, out: np.ndarray, box: Box, cell_box: Box, data: np.ndarray) -> None:
         part = Box(
             max(box.x0, cell_box.x0),
@@ -247,9 +251,8 @@ class MosaicSlide:
 
     def polygons(self) -> Iterator[tuple[int, Polygon]]:
         """``(label, polygon)`` of every nucleus, level-0 px; labels match :meth:`render_labels`."""
-        full = Box(0, 0, self.width, self.height)
         slide_box = shapely.box(0, 0, self.width, self.height)
-        for index, cell_box in self._cells(full, self.cell):
+        for index, cell_box in self.tissue_cells():
             src = self._sources[self._source_of[index]]
             t = int(self._transform_of[index])
             for label, polygon in src.polygons:

@@ -1,9 +1,13 @@
 """Tissue detection on a low-resolution thumbnail, so that background is never read again.
 
 The mask is computed at ``mask_mpp`` (coarse, e.g. 8 µm/px): tissue is where saturation is above
-an Otsu threshold (never below ``min_saturation``, so a blank slide has no tissue) and the pixel is
-not near-black (scanner borders, pen marks are left to the user), cleaned with a morphological
-closing and opening, holes filled and specks smaller than ``min_area_um2`` dropped.
+an Otsu threshold clipped to ``[min_saturation, max_saturation]`` and the pixel is not near-black
+(scanner borders; pen marks are left to the user), cleaned with a morphological closing and
+opening, holes filled and specks smaller than ``min_area_um2`` dropped.
+
+Otsu separates glass (saturation ~0.01) from stained tissue (~0.1 to 0.6). The clip keeps it honest
+where one of the two is missing: a blank slide has no tissue (the floor), and on a region covered
+by tissue, with no glass, Otsu would split the tissue itself and drop its paler half (the ceiling).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def tissue_mask_from_rgb(
     *,
     mpp: float,
     min_saturation: float = 0.07,
+    max_saturation: float = 0.15,
     min_area_um2: float = 10_000.0,
     smoothing_um: float = 16.0,
 ) -> np.ndarray:
@@ -65,7 +70,8 @@ def tissue_mask_from_rgb(
     saturation, value = hsv[..., 1], hsv[..., 2]
     threshold = min_saturation
     if float(saturation.max() - saturation.min()) > 1e-3:
-        threshold = max(float(filters.threshold_otsu(saturation)), min_saturation)
+        otsu = float(filters.threshold_otsu(saturation))
+        threshold = min(max(otsu, min_saturation), max(max_saturation, min_saturation))
     mask = (saturation > threshold) & (value > 0.1)
     radius = max(1, round(smoothing_um / mpp / 2))
     mask = morphology.closing(mask, morphology.disk(radius))
