@@ -121,8 +121,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from wsi_pipeline.tuning import tune_checkpoint
+
+    result = tune_checkpoint(
+        args.checkpoint,
+        args.data,
+        splits=_splits(args.split) if args.split else None,
+        monitor=args.monitor,
+        mpp_source=args.mpp_source,
+        split_field=args.split_field,
+        device=args.device,
+        write=args.write,
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
-    """Register ``ingest``, ``ingest-qupath``, ``train`` and ``evaluate``."""
+    """Register ``ingest``, ``ingest-qupath``, ``train``, ``evaluate`` and ``tune``."""
     p = subparsers.add_parser("ingest", help="folder dataset (images/ + masks/) -> training store")
     p.add_argument("dataset", help="folder with images/, masks/ and optionally manifest.json")
     p.add_argument("--out", required=True, help="training store (Zarr), created or extended")
@@ -175,3 +192,14 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--output", help="also write the JSON line to this file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("tune", help="choose a checkpoint's post-processing thresholds")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or shipped name")
+    p.add_argument("--data", required=True, help="folder dataset: images/ + masks/")
+    p.add_argument("--split", help="comma-separated splits to tune on (default: all images)")
+    p.add_argument("--monitor", default="aji", help="score to maximise (default aji)")
+    p.add_argument("--mpp-source", type=float, help="µm/px of the images (default: manifest)")
+    p.add_argument("--split-field", help="manifest item field with the split")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--write", action="store_true", help="store the result in the model card")
+    p.set_defaults(func=cmd_tune)

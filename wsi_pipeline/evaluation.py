@@ -175,17 +175,50 @@ def evaluate_predictions(
 
 
 @torch.inference_mode()
+def predict_probabilities(
+    model: nn.Module, card: Any, rgb: np.ndarray, source_mpp: float, device: torch.device
+) -> np.ndarray:
+    """(K, h, w) class probabilities of one image, predicted at the model's mpp."""
+    shape = resized_shape(rgb.shape, source_mpp / card.mpp)
+    with torch.inference_mode():
+        logits = predict_logits(
+            model,
+            resize_image(rgb, shape),
+            card.normalization,
+            device,
+            autocast=device.type == "cuda",
+        )
+        return probabilities(logits)[0].float().cpu().numpy()
+
+
 def predict_instances(
     model: nn.Module, card: Any, rgb: np.ndarray, source_mpp: float, device: torch.device
 ) -> np.ndarray:
     """Instance labels of one image at its own resolution, predicted at the model's mpp."""
-    shape = resized_shape(rgb.shape, source_mpp / card.mpp)
-    logits = predict_logits(
-        model, resize_image(rgb, shape), card.normalization, device, autocast=device.type == "cuda"
-    )
-    probs = probabilities(logits)[0].cpu().numpy()
+    probs = predict_probabilities(model, card, rgb, source_mpp, device)
     labels = instances_from_probabilities(probs, card.target_mode, **card.postprocess.model_dump())
     return resize_labels(labels, rgb.shape[:2])
+
+
+def scored_entries(
+    data_dir: str | Path,
+    *,
+    mpp_source: float | None = None,
+    split_field: str | None = None,
+    splits: list[str] | None = None,
+) -> list[FolderEntry]:
+    """The images of a folder dataset in ``splits``, each with a known mpp.
+
+    Raises:
+        FileNotFoundError: not a folder dataset.
+        ConfigError: an image of unknown mpp (pass ``mpp_source``), or no image in ``splits``.
+    """
+    entries, field = folder_entries(data_dir, mpp_source=mpp_source, split_field=split_field)
+    entries = _select(entries, splits, field)
+    unknown = [e.id for e in entries if e.mpp is None]
+    if unknown:
+        raise ConfigError(f"{data_dir}: no mpp recorded for {unknown[0]}; pass --mpp-source")
+    return entries
 
 
 def evaluate_checkpoint(
@@ -205,11 +238,9 @@ def evaluate_checkpoint(
     """
     torch_device = choose_device(device)
     model, card = load_checkpoint(checkpoint, device=torch_device)
-    entries, field = folder_entries(data_dir, mpp_source=mpp_source, split_field=split_field)
-    entries = _select(entries, splits, field)
-    unknown = [e.id for e in entries if e.mpp is None]
-    if unknown:
-        raise ConfigError(f"{data_dir}: no mpp recorded for {unknown[0]}; pass --mpp-source")
+    entries = scored_entries(
+        data_dir, mpp_source=mpp_source, split_field=split_field, splits=splits
+    )
 
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         for entry in entries:

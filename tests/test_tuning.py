@@ -1,0 +1,58 @@
+"""``wsi-pipeline tune``: post-processing thresholds chosen on data and written to the card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_datasets import write_folder_dataset
+from test_evaluate import checkpoint, run_cli  # noqa: F401  (fixture)
+
+from wsi_pipeline.checkpoint import read_card
+from wsi_pipeline.evaluation import evaluate_checkpoint
+from wsi_pipeline.targets import make_target, one_hot
+from wsi_pipeline.tuning import best_postprocess, grid_points
+
+
+def _touching_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Two touching 10 x 10 nuclei whose interior the 'model' gives only 0.65."""
+    true = np.zeros((40, 40), dtype=np.int32)
+    true[10:20, 5:15], true[10:20, 15:25] = 1, 2
+    probs = one_hot(make_target(true), 3)
+    interior = probs[1] > 0
+    probs[1][interior], probs[2][interior] = 0.65, 0.35
+    return probs, true
+
+
+def test_grid_points_cover_every_combination() -> None:
+    points = grid_points({"a": (1, 2), "b": (3, 4, 5)})
+    assert len(points) == 6 and points[0] == {"a": 1, "b": 3} and points[-1] == {"a": 2, "b": 5}
+
+
+def test_the_threshold_that_separates_touching_nuclei_wins() -> None:
+    pair = [_touching_pair()]
+    # Above the model's interior confidence no marker is seeded and the pair merges.
+    _, merged = best_postprocess(pair, "3class", grid={"interior_threshold": (0.7,)})
+    assert merged["aji"] < 0.6
+    chosen, scores = best_postprocess(pair, "3class")
+    assert chosen["interior_threshold"] < 0.65
+    assert scores["aji"] > 0.9 and scores["f1"] == 1.0
+    with pytest.raises(ValueError, match="monitor"):
+        best_postprocess(pair, "3class", monitor="accuracy")
+
+
+def test_tune_cli_writes_the_card_and_evaluate_reproduces_the_score(
+    tmp_path: Path,
+    checkpoint: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = write_folder_dataset(tmp_path / "ds", n=2, size=64, mpp=0.5, splits=["val", "val"])
+    argv = ["tune", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "val"]
+    result = run_cli([*argv, "--device", "cpu", "--write"], capsys)
+    assert result["n_images"] == 2 and result["written"] is True
+    assert result["scores"]["aji"] >= result["previous_scores"]["aji"]
+    card = read_card(checkpoint)
+    assert card.postprocess.model_dump() == result["postprocess"]
+    again = evaluate_checkpoint(checkpoint, data, splits=["val"], device="cpu")
+    assert round(again["aji"], 4) == result["scores"]["aji"]

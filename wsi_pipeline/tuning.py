@@ -1,0 +1,132 @@
+"""Post-processing thresholds chosen on data, like StarDist's ``optimize_thresholds``.
+
+The model runs once per image; every point of a small grid of
+:func:`~wsi_pipeline.instances.instances_from_probabilities` arguments (interior threshold,
+foreground threshold, minimum size) is then scored at the images' own resolution, exactly as
+``evaluate`` scores, and the point with the best mean ``monitor`` wins. Ties keep the earlier
+point of the grid. ``write=True`` stores the winner in the checkpoint's model card, so that
+``segment``, ``evaluate`` and validation all use it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_pipeline.checkpoint import (
+    CARD,
+    choose_device,
+    load_checkpoint,
+    read_card,
+    resolve_checkpoint,
+)
+from wsi_pipeline.datasets import read_entry, resize_labels
+from wsi_pipeline.evaluation import SCORES, predict_probabilities, scored_entries
+from wsi_pipeline.instances import instances_from_probabilities
+from wsi_pipeline.metrics import score_image, summarize
+
+GRID: dict[str, tuple[float, ...]] = {
+    "interior_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    "foreground_threshold": (0.4, 0.5, 0.6),
+    "min_size": (5, 10, 20),
+}
+
+
+def grid_points(grid: dict[str, Sequence[float]]) -> list[dict[str, float]]:
+    """Every combination of the grid's values, as keyword arguments."""
+    names = list(grid)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def best_postprocess(
+    images: Sequence[tuple[np.ndarray, np.ndarray]],
+    mode: str,
+    *,
+    grid: dict[str, Sequence[float]] = GRID,
+    monitor: str = "aji",
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The grid point with the best mean ``monitor`` over ``(probs, true labels)`` pairs.
+
+    ``probs`` is (K, h, w) at the model's resolution; the instances are resized (nearest) to the
+    true labels' shape before scoring. Returns ``(arguments, mean scores)``.
+    """
+    if monitor not in SCORES:
+        raise ValueError(f"monitor {monitor!r} is not one of {list(SCORES)}")
+    best: tuple[dict[str, float], dict[str, float]] | None = None
+    for point in grid_points(grid):
+        scores = summarize([_score(probs, true, mode, point) for probs, true in images])
+        if best is None or scores[monitor] > best[1][monitor]:
+            best = (point, scores)
+    if best is None:
+        raise ValueError("empty grid")
+    return best
+
+
+def _score(probs: np.ndarray, true: np.ndarray, mode: str, point: dict[str, float]) -> dict:
+    labels = instances_from_probabilities(
+        probs,
+        mode,  # type: ignore[arg-type]
+        min_size=int(point.get("min_size", 10)),
+        interior_threshold=point.get("interior_threshold", 0.5),
+        foreground_threshold=point.get("foreground_threshold", 0.5),
+    )
+    return score_image(true, resize_labels(labels, true.shape))
+
+
+def tune_checkpoint(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    *,
+    splits: list[str] | None = None,
+    monitor: str = "aji",
+    mpp_source: float | None = None,
+    split_field: str | None = None,
+    device: str = "auto",
+    write: bool = False,
+) -> dict[str, Any]:
+    """Choose a checkpoint's post-processing on a folder dataset; optionally write it to the card.
+
+    Returns one JSON-able dict: the previous and the chosen arguments with their scores.
+    """
+    checkpoint = resolve_checkpoint(str(checkpoint))
+    torch_device = choose_device(device)
+    model, card = load_checkpoint(checkpoint, device=torch_device)
+    entries = scored_entries(
+        data_dir, mpp_source=mpp_source, split_field=split_field, splits=splits
+    )
+    images = []
+    for entry in entries:
+        rgb, true = read_entry(entry)
+        images.append((predict_probabilities(model, card, rgb, entry.mpp, torch_device), true))  # type: ignore[arg-type]
+    previous = card.postprocess.model_dump()
+    before = summarize([_score(p, t, card.target_mode, previous) for p, t in images])
+    chosen, after = best_postprocess(images, card.target_mode, monitor=monitor)
+    chosen = {**chosen, "min_size": int(chosen["min_size"])}
+    if write:
+        _write_postprocess(checkpoint, chosen)
+    rounded = {k: round(v, 4) for k, v in after.items() if k in SCORES}
+    return {
+        "checkpoint": str(checkpoint),
+        "data": str(data_dir),
+        "splits": splits,
+        "n_images": len(images),
+        "monitor": monitor,
+        "previous": previous,
+        "previous_scores": {k: round(v, 4) for k, v in before.items() if k in SCORES},
+        "postprocess": chosen,
+        "scores": rounded,
+        "written": write,
+    }
+
+
+def _write_postprocess(checkpoint: Path, postprocess: dict[str, float]) -> None:
+    card = read_card(checkpoint)
+    card = card.model_copy(update={"postprocess": card.postprocess.model_copy(update=postprocess)})
+    path = checkpoint / CARD
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(card.model_dump_json(indent=2))
+    tmp.replace(path)
