@@ -51,7 +51,12 @@ logger = logging.getLogger(__name__)
 
 COMPLETE, SKIPPED, FAILED = "complete", "skipped", "failed"
 MPP_TOLERANCE = 0.01
+# Logical CPUs of a read task and of a post-process task. Half a CPU each lets one read, one
+# predictor (1 CPU) and one post-process task run at once even on a 2-core laptop: with 1 CPU,
+# post-processing waited there until every read had finished, and the predictor's output piled
+# up in the object store in proportion to the slide's size.
 READ_CPUS = 0.5
+POSTPROCESS_CPUS = 0.5
 LABEL_SHARD_TILES = 4
 
 
@@ -410,6 +415,6 @@ def _graph(rows: list[dict[str, Any]], card: ModelCard, config: SegmentConfig, p
                 "seam_margin": config.seam_margin,
                 "keep_all": config.labels,  # the label image needs every polygon on the driver
             },
-            num_cpus=1,
+            num_cpus=POSTPROCESS_CPUS,
         )
     )
