@@ -43,8 +43,8 @@ from wsi_pipeline.checkpoint import (
     resolve_checkpoint,
 )
 from wsi_pipeline.config import SegmentConfig
-from wsi_pipeline.datasets import folder_entries, read_entry
-from wsi_pipeline.evaluation import SCORES, predict_instances
+from wsi_pipeline.datasets import read_entry
+from wsi_pipeline.evaluation import SCORES, predict_instances, scored_entries
 from wsi_pipeline.export import read_features
 from wsi_pipeline.labels import rasterize_shard
 from wsi_pipeline.metrics import score_image, summarize
@@ -55,12 +55,11 @@ from wsi_pipeline.tiling import Box
 
 def load_sources(data: str, splits: list[str]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
     """The images of ``splits`` and their common µm/px."""
-    entries, _ = folder_entries(data)
-    chosen = [e for e in entries if not splits or e.split in splits]
-    mpps = {e.mpp for e in chosen}
-    if not chosen or len(mpps) != 1 or None in mpps:
-        raise SystemExit(f"{data}: need images of one known mpp in {splits}, got {mpps}")
-    return [read_entry(e) for e in chosen], float(mpps.pop())  # type: ignore[arg-type]
+    entries = scored_entries(data, splits=splits or None)
+    mpps = {e.mpp for e in entries}
+    if len(mpps) != 1:
+        raise SystemExit(f"{data}: need images of one mpp in {splits}, got {sorted(mpps)}")
+    return [read_entry(e) for e in entries], float(mpps.pop())  # type: ignore[arg-type]
 
 
 def rasterize_geojson(path: str, width: int, height: int) -> np.ndarray:
@@ -134,7 +133,7 @@ def measure(
     device: str = "auto",
     seed: int = 0,
 ) -> dict:
-    """Build the mosaic, segment it three ways and score each (Ray must be initialised)."""
+    """Build the mosaic, segment it four ways and score each (Ray must be initialised)."""
     sources, mpp = load_sources(data, splits)
     side = min(min(image.shape[:2]) for image, _ in sources) * cells
     mosaic = synthetic.MosaicSlide(sources, side, side, seed=seed, tissue_fraction=1.0)

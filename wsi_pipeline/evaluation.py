@@ -180,15 +180,10 @@ def predict_probabilities(
 ) -> np.ndarray:
     """(K, h, w) class probabilities of one image, predicted at the model's mpp."""
     shape = resized_shape(rgb.shape, source_mpp / card.mpp)
-    with torch.inference_mode():
-        logits = predict_logits(
-            model,
-            resize_image(rgb, shape),
-            card.normalization,
-            device,
-            autocast=device.type == "cuda",
-        )
-        return probabilities(logits)[0].float().cpu().numpy()
+    logits = predict_logits(
+        model, resize_image(rgb, shape), card.normalization, device, autocast=device.type == "cuda"
+    )
+    return probabilities(logits)[0].float().cpu().numpy()
 
 
 def predict_instances(

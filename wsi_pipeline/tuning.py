@@ -19,6 +19,7 @@ import numpy as np
 
 from wsi_pipeline.checkpoint import (
     CARD,
+    PostProcess,
     choose_device,
     load_checkpoint,
     read_card,
@@ -28,6 +29,7 @@ from wsi_pipeline.datasets import read_entry, resize_labels
 from wsi_pipeline.evaluation import SCORES, predict_probabilities, scored_entries
 from wsi_pipeline.instances import instances_from_probabilities
 from wsi_pipeline.metrics import score_image, summarize
+from wsi_pipeline.storage import write_bytes_atomic
 
 GRID: dict[str, tuple[float, ...]] = {
     "interior_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
@@ -46,34 +48,32 @@ def best_postprocess(
     images: Sequence[tuple[np.ndarray, np.ndarray]],
     mode: str,
     *,
+    base: dict[str, Any] | None = None,
     grid: dict[str, Sequence[float]] = GRID,
     monitor: str = "aji",
-) -> tuple[dict[str, float], dict[str, float]]:
-    """The grid point with the best mean ``monitor`` over ``(probs, true labels)`` pairs.
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The post-processing with the best mean ``monitor`` over ``(probs, true labels)`` pairs.
 
+    Each grid point is applied on top of ``base`` (a card's post-processing; defaults if None).
     ``probs`` is (K, h, w) at the model's resolution; the instances are resized (nearest) to the
-    true labels' shape before scoring. Returns ``(arguments, mean scores)``.
+    true labels' shape before scoring. Returns ``(full post-processing arguments, mean scores)``.
     """
     if monitor not in SCORES:
         raise ValueError(f"monitor {monitor!r} is not one of {list(SCORES)}")
-    best: tuple[dict[str, float], dict[str, float]] | None = None
+    best: tuple[dict[str, Any], dict[str, float]] | None = None
     for point in grid_points(grid):
-        scores = summarize([_score(probs, true, mode, point) for probs, true in images])
+        settings = PostProcess(**{**(base or {}), **point}).model_dump()
+        scores = summarize([_score(probs, true, mode, settings) for probs, true in images])
         if best is None or scores[monitor] > best[1][monitor]:
-            best = (point, scores)
+            best = (settings, scores)
     if best is None:
         raise ValueError("empty grid")
     return best
 
 
-def _score(probs: np.ndarray, true: np.ndarray, mode: str, point: dict[str, float]) -> dict:
-    labels = instances_from_probabilities(
-        probs,
-        mode,  # type: ignore[arg-type]
-        min_size=int(point.get("min_size", 10)),
-        interior_threshold=point.get("interior_threshold", 0.5),
-        foreground_threshold=point.get("foreground_threshold", 0.5),
-    )
+def _score(probs: np.ndarray, true: np.ndarray, mode: str, settings: dict[str, Any]) -> dict:
+    """Scores of one image under ``settings``, the arguments a card's post-processing holds."""
+    labels = instances_from_probabilities(probs, mode, **settings)  # type: ignore[arg-type]
     return score_image(true, resize_labels(labels, true.shape))
 
 
@@ -104,8 +104,7 @@ def tune_checkpoint(
         images.append((predict_probabilities(model, card, rgb, entry.mpp, torch_device), true))  # type: ignore[arg-type]
     previous = card.postprocess.model_dump()
     before = summarize([_score(p, t, card.target_mode, previous) for p, t in images])
-    chosen, after = best_postprocess(images, card.target_mode, monitor=monitor)
-    chosen = {**chosen, "min_size": int(chosen["min_size"])}
+    chosen, after = best_postprocess(images, card.target_mode, base=previous, monitor=monitor)
     if write:
         _write_postprocess(checkpoint, chosen)
     rounded = {k: round(v, 4) for k, v in after.items() if k in SCORES}
@@ -123,10 +122,6 @@ def tune_checkpoint(
     }
 
 
-def _write_postprocess(checkpoint: Path, postprocess: dict[str, float]) -> None:
-    card = read_card(checkpoint)
-    card = card.model_copy(update={"postprocess": card.postprocess.model_copy(update=postprocess)})
-    path = checkpoint / CARD
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(card.model_dump_json(indent=2))
-    tmp.replace(path)
+def _write_postprocess(checkpoint: Path, postprocess: dict[str, Any]) -> None:
+    card = read_card(checkpoint).model_copy(update={"postprocess": PostProcess(**postprocess)})
+    write_bytes_atomic(str(checkpoint / CARD), card.model_dump_json(indent=2).encode())
