@@ -40,6 +40,7 @@ from wsi_pipeline.inference import (
 )
 from wsi_pipeline.inputs import slide_stem
 from wsi_pipeline.labels import ShardBuckets, create_label_store, write_label_shard
+from wsi_pipeline.pipeline import COMPLETE, FAILED, SKIPPED  # one set of batch statuses
 from wsi_pipeline.slide import SlideError, error_line, open_slide
 from wsi_pipeline.stitching import SeamResolver, seam_neighbours
 from wsi_pipeline.store import read_layout
@@ -49,7 +50,6 @@ from wsi_pipeline.tissue import TissueMask, detect_tissue
 
 logger = logging.getLogger(__name__)
 
-COMPLETE, SKIPPED, FAILED = "complete", "skipped", "failed"
 MPP_TOLERANCE = 0.01
 # Logical CPUs of a read task and of a post-process task. Half a CPU each lets one read, one
 # predictor (1 CPU) and one post-process task run at once even on a 2-core laptop: with 1 CPU,
