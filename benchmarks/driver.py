@@ -26,10 +26,10 @@ from scipy import ndimage as ndi
 from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard
 from wsi_pipeline.config import SegmentConfig
-from wsi_pipeline.inference import quantize
-from wsi_pipeline.segment import SlideOutputs, SlidePlan, postprocess_tile
-from wsi_pipeline.targets import make_target, one_hot
-from wsi_pipeline.tiling import TileGrid
+from wsi_pipeline.segment.job import SlideOutputs, SlidePlan, postprocess_tile
+from wsi_pipeline.segment.predictor import quantize
+from wsi_pipeline.slides.tiling import TileGrid
+from wsi_pipeline.train.targets import make_target, one_hot
 
 
 def tile_rows(size: int, tile: int, overlap: int, keep_all: bool) -> tuple[SlidePlan, list[dict]]:
@@ -52,20 +52,20 @@ def tile_rows(size: int, tile: int, overlap: int, keep_all: bool) -> tuple[Slide
         tissue_mm2=(size * 0.5e-3) ** 2,
         tiles=[(t.col, t.row) for t in grid],
     )
-    card = ModelCard(architecture="unet", mpp=0.5).model_dump_json()
+    card = ModelCard(architecture="unet", mpp=0.5)
+    plans = {"bench": plan.without_tiles()}
     rows = []
     for t in grid:
         labels = mosaic.render_labels(t.box).astype(np.int32)
         probs = ndi.gaussian_filter(one_hot(make_target(labels), 3), sigma=(0, 1, 1))
         row = {
             "slide": "bench",
-            "plan": plan.row_json(),
             "col": t.col,
             "row": t.row,
             "error": "",
             "probs": quantize(probs),
         }
-        rows.append(postprocess_tile(row, card, 0.0, 8.0, keep_all))
+        rows.append(postprocess_tile(row, plans, card, 0.0, 8.0, keep_all))
     return plan, rows
 
 

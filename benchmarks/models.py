@@ -1,6 +1,6 @@
 """Benchmark the model zoo: one JSON line per model on stdout.
 
-Each model is built from its ``configs/models/<name>.yaml`` (the spec's configuration) and
+Each model is built from its recipe ``configs/train/<name>.yaml`` (the spec's configuration) and
 measured in a fresh process, so peak memory is per model:
 
 * ``params_m``: trainable parameters (millions);
@@ -23,12 +23,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from wsi_pipeline.models import list_models, load_model_config
+from wsi_pipeline.models import list_models
+from wsi_pipeline.train.config import load_train_config
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "train"
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 
 def gflops_per_tile(name: str, size: int = 256) -> float:
     with torch.device("meta"):
-        model = load_model_config(name).build().eval()
+        model = load_train_config(RECIPES / f"{name}.yaml").build_model().eval()
         x = torch.empty(1, 3, size, size)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
@@ -81,7 +85,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = load_model_config(name).build().to(device).eval()
+    model = load_train_config(RECIPES / f"{name}.yaml").build_model().to(device).eval()
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     row: dict[str, Any] = {
         "model": name,

@@ -44,9 +44,9 @@ import numpy as np
 from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard, read_card, save_checkpoint
 from wsi_pipeline.config import SegmentConfig
-from wsi_pipeline.inference import Predictor
 from wsi_pipeline.models import create_model
-from wsi_pipeline.segment import plan_slide, read_tile, segment_slides
+from wsi_pipeline.segment.job import plan_slide, read_tile, segment_slides
+from wsi_pipeline.segment.predictor import Predictor
 
 RAY = Path(sys.executable).parent / "ray"
 
@@ -161,9 +161,9 @@ def predictor_rate(slide: str, config: SegmentConfig, tiles: int) -> tuple[float
     assert config.checkpoint
     card = read_card(config.checkpoint)
     plan = plan_slide(slide, card, config)
-    plan_json = plan.row_json()
-    rows = [{"plan": plan_json, "col": c, "row": r} for c, r in plan.tiles[:tiles]]
-    images = np.stack([read_tile(row, card.mpp, None)["image"] for row in rows])
+    plans = {slide: plan.without_tiles()}
+    rows = [{"slide": slide, "col": c, "row": r} for c, r in plan.tiles[:tiles]]
+    images = np.stack([read_tile(row, plans, card.mpp, None)["image"] for row in rows])
     predictor = Predictor(config.checkpoint, device=config.device)
     predictor.predict(images[: config.batch_size])  # warm-up
     start = time.perf_counter()

@@ -37,20 +37,20 @@ import numpy as np
 
 from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import (
-    choose_device,
     load_checkpoint,
     read_card,
     resolve_checkpoint,
 )
 from wsi_pipeline.config import SegmentConfig
-from wsi_pipeline.datasets import read_entry
-from wsi_pipeline.evaluation import SCORES, predict_instances, scored_entries
-from wsi_pipeline.export import read_features
-from wsi_pipeline.labels import rasterize_shard
+from wsi_pipeline.forward import choose_device
 from wsi_pipeline.metrics import score_image, summarize
-from wsi_pipeline.segment import segment_slides
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.tiling import Box
+from wsi_pipeline.segment.geojson import read_features
+from wsi_pipeline.segment.job import segment_slides
+from wsi_pipeline.segment.label_store import rasterize_shard
+from wsi_pipeline.slides.slide import open_slide
+from wsi_pipeline.slides.tiling import Box
+from wsi_pipeline.train.evaluation import SCORES, predict_instances, scored_entries
+from wsi_pipeline.train.ingest import read_entry
 
 
 def load_sources(data: str, splits: list[str]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:

@@ -31,9 +31,9 @@ import numpy as np
 from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint, save_checkpoint
 from wsi_pipeline.config import SegmentConfig
-from wsi_pipeline.inference import Predictor
 from wsi_pipeline.models import create_model
-from wsi_pipeline.segment import plan_slide, read_tile, segment_slides
+from wsi_pipeline.segment.job import plan_slide, read_tile, segment_slides
+from wsi_pipeline.segment.predictor import Predictor
 
 
 def _tree_rss_bytes(root: int) -> int:
@@ -121,10 +121,7 @@ def main() -> None:
         )
         card = read_card(checkpoint)
         plan = plan_slide(slide, card, config)
-        rows = [
-            {"slide": slide, "plan": plan.row_json(), "col": c, "row": r, "error": ""}
-            for c, r in plan.tiles
-        ]
+        rows = [{"slide": slide, "col": c, "row": r, "error": ""} for c, r in plan.tiles]
         result: dict[str, object] = {
             "benchmark": "segment",
             "slide": os.path.basename(slide),
@@ -153,7 +150,14 @@ def main() -> None:
             ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4096))
             images = [
                 r["image"]
-                for r in ds.map(read_tile, fn_kwargs={"mpp": card.mpp, "mpp_override": None})
+                for r in ds.map(
+                    read_tile,
+                    fn_kwargs={
+                        "plans": {slide: plan.without_tiles()},
+                        "mpp": card.mpp,
+                        "mpp_override": None,
+                    },
+                )
                 .select_columns(["image"])
                 .iter_rows()
             ]

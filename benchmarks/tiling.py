@@ -19,11 +19,11 @@ from PIL import Image
 
 from wsi_pipeline import synthetic
 from wsi_pipeline.config import TileConfig
-from wsi_pipeline.pipeline import store_path, tile_slides
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.store import read_layout
-from wsi_pipeline.tiling import Box
-from wsi_pipeline.tissue import detect_tissue
+from wsi_pipeline.slides.image_store import read_layout
+from wsi_pipeline.slides.slide import open_slide
+from wsi_pipeline.slides.tile_job import store_path, tile_slides
+from wsi_pipeline.slides.tiling import Box
+from wsi_pipeline.slides.tissue import detect_tissue
 
 
 def tissue_tiles(slide_file: str, config: TileConfig, out: str) -> list[Box]:

@@ -23,17 +23,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wsi_pipeline import datasets
-from wsi_pipeline.checkpoint import build_model, choose_device, normalize
-from wsi_pipeline.losses import create_loss
+from wsi_pipeline.checkpoint import build_model
+from wsi_pipeline.forward import choose_device, forward
 from wsi_pipeline.synthetic import synthetic_tile
-from wsi_pipeline.training import (
-    TrainConfig,
-    base_card,
-    load_train_config,
-    make_optimizer,
-    training_crops,
-)
+from wsi_pipeline.train import ingest
+from wsi_pipeline.train import store as datasets
+from wsi_pipeline.train.config import TrainConfig, load_train_config
+from wsi_pipeline.train.loop import base_card, make_optimizer
+from wsi_pipeline.train.losses import create_loss
+from wsi_pipeline.train.trainer import training_crops
 
 
 def synthetic_store(root: Path, n: int = 12, size: int = 512) -> str:
@@ -46,7 +44,7 @@ def synthetic_store(root: Path, n: int = 12, size: int = 512) -> str:
         rgb, labels = synthetic_tile(size, rng, mpp=0.5)
         Image.fromarray(rgb).save(data / "images" / f"t{i}.png")
         Image.fromarray(labels.astype(np.uint16)).save(data / "masks" / f"t{i}.png")
-    datasets.ingest_folder(data, root / "train.zarr", mpp_source=0.5, val_fraction=0.0)
+    ingest.ingest_folder(data, root / "train.zarr", mpp_source=0.5, val_fraction=0.0)
     return str(root / "train.zarr")
 
 
@@ -82,8 +80,7 @@ def training_rate(
     target = torch.randint(0, config.num_classes, (batch, size, size), device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(normalize(images, config.normalization))
+        logits = forward(model, images, config.normalization, autocast=autocast)
         loss = loss_fn(logits, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

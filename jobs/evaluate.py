@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["segment", *sys.argv[1:]]))

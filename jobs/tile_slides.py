@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["tile", *sys.argv[1:]]))

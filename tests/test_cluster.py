@@ -451,12 +451,12 @@ def test_killed_driver_resubmitted_skips_finished_slides(
 def training_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from test_datasets import write_folder_dataset
 
-    from wsi_pipeline import datasets
+    from wsi_pipeline.train import ingest
 
     root = tmp_path_factory.mktemp("train-data")
     splits = ["train"] * 6 + ["val"] * 2
     data = write_folder_dataset(root / "synthetic", n=8, size=96, splits=splits)
-    datasets.ingest_folder(data, root / "train.zarr")
+    ingest.ingest_folder(data, root / "train.zarr")
     return root / "train.zarr"
 
 

@@ -12,15 +12,16 @@ import zarr
 from conftest import SLIDE_MPP, shared_path
 from PIL import Image
 
-from wsi_pipeline import augment, datasets
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli.main import main
 from wsi_pipeline.config import ConfigError
-from wsi_pipeline.export import FeatureWriter, nucleus_feature, read_features
 from wsi_pipeline.metrics import score_image
-from wsi_pipeline.polygons import label_polygons
-from wsi_pipeline.slide import open_slide
+from wsi_pipeline.segment.geojson import FeatureWriter, nucleus_feature, read_features
+from wsi_pipeline.segment.polygons import label_polygons
+from wsi_pipeline.slides.slide import open_slide
+from wsi_pipeline.slides.tiling import Box
 from wsi_pipeline.synthetic import MosaicSlide, synthetic_tile
-from wsi_pipeline.tiling import Box
+from wsi_pipeline.train import augment, ingest
+from wsi_pipeline.train import store as datasets
 
 
 def write_folder_dataset(
@@ -57,7 +58,7 @@ def write_folder_dataset(
 def test_ingest_folder_resamples_and_records_split(tmp_path: Path) -> None:
     splits = ["train", "train", "train", "holdout", "holdout", "train"]
     data = write_folder_dataset(tmp_path / "ds", mpp=0.25, splits=splits)
-    items = datasets.ingest_folder(data, tmp_path / "s.zarr", mpp=0.5)
+    items = ingest.ingest_folder(data, tmp_path / "s.zarr", mpp=0.5)
 
     store = datasets.open_store(tmp_path / "s.zarr")
     assert store.mpp == 0.5 and len(items) == 6
@@ -74,23 +75,23 @@ def test_ingest_folder_resamples_and_records_split(tmp_path: Path) -> None:
 
 def test_ingest_without_split_field_hashes_a_val_fraction(tmp_path: Path) -> None:
     data = write_folder_dataset(tmp_path / "ds", n=10)
-    items = datasets.ingest_folder(data, tmp_path / "s.zarr", val_fraction=0.3)
+    items = ingest.ingest_folder(data, tmp_path / "s.zarr", val_fraction=0.3)
     assert sorted(item.split for item in items).count("val") == 3
-    again = datasets.ingest_folder(data, tmp_path / "s.zarr", val_fraction=0.3)
+    again = ingest.ingest_folder(data, tmp_path / "s.zarr", val_fraction=0.3)
     assert [i.split for i in again] == [i.split for i in items]  # deterministic, replaced
     assert len(datasets.open_store(tmp_path / "s.zarr").items) == 10
     (data / "images" / "tile9.png").unlink()
-    datasets.ingest_folder(data, tmp_path / "s.zarr", val_fraction=0.3)
+    ingest.ingest_folder(data, tmp_path / "s.zarr", val_fraction=0.3)
     assert "tile9" not in zarr.open_group(tmp_path / "s.zarr", mode="r")["items/ds"]
 
 
 def test_ingest_needs_an_mpp_and_one_store_mpp(tmp_path: Path) -> None:
     data = write_folder_dataset(tmp_path / "ds", n=2, mpp=None)
     with pytest.raises(ConfigError, match="--mpp-source"):
-        datasets.ingest_folder(data, tmp_path / "s.zarr")
-    datasets.ingest_folder(data, tmp_path / "s.zarr", mpp_source=0.5)
+        ingest.ingest_folder(data, tmp_path / "s.zarr")
+    ingest.ingest_folder(data, tmp_path / "s.zarr", mpp_source=0.5)
     with pytest.raises(ConfigError, match="0.5"):
-        datasets.ingest_folder(data, tmp_path / "s.zarr", mpp=0.25, mpp_source=0.5)
+        ingest.ingest_folder(data, tmp_path / "s.zarr", mpp=0.25, mpp_source=0.5)
 
 
 def test_ingest_commands(
@@ -109,15 +110,15 @@ def test_ingest_commands(
 
 
 def test_parse_mpp_reads_manifest_text() -> None:
-    assert datasets.parse_mpp("about 0.25 (the XML headers state 0.2456-0.2527)") == 0.25
-    assert datasets.parse_mpp(0.5) == 0.5
-    assert datasets.parse_mpp("not stated; approx 0.5 at 20x") is None
+    assert ingest.parse_mpp("about 0.25 (the XML headers state 0.2456-0.2527)") == 0.25
+    assert ingest.parse_mpp(0.5) == 0.5
+    assert ingest.parse_mpp("not stated; approx 0.5 at 20x") is None
 
 
 @pytest.mark.shared_data
 def test_ingest_monuseg_uses_kumar_split(tmp_path: Path) -> None:
     data = shared_path("compact", "monuseg_train")
-    items = datasets.ingest_folder(data, tmp_path / "m.zarr", mpp=0.5)
+    items = ingest.ingest_folder(data, tmp_path / "m.zarr", mpp=0.5)
     splits = [item.split for item in items]
     assert (splits.count("train"), splits.count("test_same_organ")) == (16, 8)
     assert splits.count("test_other_organ") == 6
@@ -148,9 +149,9 @@ def test_geojson_labels_geojson_round_trip(tmp_path: Path) -> None:
     originals = [p for _, p in label_polygons(labels, offset=offset, scale=scale)]
     _write_geojson(tmp_path / "in.geojson", originals, [])
 
-    nuclei, regions = datasets.read_qupath(tmp_path / "in.geojson")
+    nuclei, regions = ingest.read_qupath(tmp_path / "in.geojson")
     assert regions == [] and len(nuclei) == len(originals)
-    back = datasets.rasterize_nuclei(
+    back = ingest.rasterize_nuclei(
         nuclei, list(range(1, len(nuclei) + 1)), offset, scale, labels.shape
     )
     assert score_image(labels, back)["aji"] > 0.99
@@ -180,7 +181,7 @@ def test_ingest_qupath_regions_match_the_slide(
     ]
     _write_geojson(tmp_path / "a.geojson", polygons, [region])
 
-    items = datasets.ingest_qupath(slide_path, tmp_path / "a.geojson", tmp_path / "q.zarr", mpp=mpp)
+    items = ingest.ingest_qupath(slide_path, tmp_path / "a.geojson", tmp_path / "q.zarr", mpp=mpp)
     assert [item.id for item in items] == ["region-000"]
     store = datasets.open_store(tmp_path / "q.zarr")
     rgb, labels = store.read(items[0].key)
@@ -201,7 +202,7 @@ def region_bounds(box: Box) -> tuple[int, int, int, int]:
 def test_ingest_qupath_without_regions_boxes_the_nuclei(tmp_path: Path, slide_path: Path) -> None:
     nuclei = [shapely.Point(600, 500).buffer(12), shapely.Point(700, 560).buffer(10)]
     _write_geojson(tmp_path / "n.geojson", nuclei, [])
-    items = datasets.ingest_qupath(
+    items = ingest.ingest_qupath(
         slide_path, tmp_path / "n.geojson", tmp_path / "q.zarr", margin_um=5.0, split="val"
     )
     margin = 5.0 / SLIDE_MPP
@@ -216,7 +217,7 @@ def test_ingest_qupath_without_regions_boxes_the_nuclei(tmp_path: Path, slide_pa
 @pytest.fixture()
 def store(tmp_path: Path) -> datasets.TrainingStore:
     data = write_folder_dataset(tmp_path / "ds", n=3, size=80)
-    datasets.ingest_folder(data, tmp_path / "s.zarr", val_fraction=0.0)
+    ingest.ingest_folder(data, tmp_path / "s.zarr", val_fraction=0.0)
     return datasets.open_store(tmp_path / "s.zarr")
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import shared_path
 
 from wsi_pipeline.checkpoint import DEFAULT_MODEL, read_card, resolve_checkpoint
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli.main import main
 
 
 def test_default_model_ships_with_a_full_card(capsys) -> None:

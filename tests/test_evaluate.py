@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from test_datasets import write_folder_dataset
 
-from wsi_pipeline import cli_train
 from wsi_pipeline.checkpoint import ModelCard, build_model, save_checkpoint
+from wsi_pipeline.cli import train as cli_train
 from wsi_pipeline.config import ConfigError
-from wsi_pipeline.evaluation import evaluate_checkpoint
+from wsi_pipeline.train.evaluation import evaluate_checkpoint
 
 KEYS = {"dice", "iou", "aji", "pq", "dq", "sq", "f1"}
 
@@ -126,3 +126,35 @@ def test_checkpoint_evaluation_needs_the_images_mpp(tmp_path: Path, checkpoint: 
         evaluate_checkpoint(checkpoint, data, device="cpu")
     result = evaluate_checkpoint(checkpoint, data, mpp_source=0.5, device="cpu")
     assert result["n_images"] == 1
+
+
+def test_evaluate_accepts_a_shipped_model_name_like_segment_and_tune(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's own command: ``evaluate --checkpoint nuclei-unet16``."""
+    from wsi_pipeline.checkpoint import DEFAULT_MODEL, resolve_checkpoint
+    from wsi_pipeline.cli.main import main
+
+    data = write_folder_dataset(tmp_path / "ds", n=1, size=64, mpp=0.5)
+    argv = ["evaluate", "--checkpoint", DEFAULT_MODEL, "--data", str(data), "--device", "cpu"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n_images"] == 1 and result["mpp"] == 0.5
+    by_path = evaluate_checkpoint(resolve_checkpoint(DEFAULT_MODEL), data, device="cpu")
+    assert by_path["aji"] == result["aji"]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"", "cannot load the weights"), (b"not a zip file at all", "cannot load the weights")],
+)
+def test_a_corrupt_checkpoint_is_one_line(
+    tmp_path: Path, checkpoint: Path, content: bytes, reason: str, capsys
+) -> None:
+    from wsi_pipeline.cli.main import main
+
+    (checkpoint / "model.pt").write_bytes(content)
+    data = write_folder_dataset(tmp_path / "ds", n=1, size=64, mpp=0.5)
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and reason in err[0] and "model.pt" in err[0]

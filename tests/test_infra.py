@@ -247,7 +247,7 @@ def test_worker_groups_have_autoscaling_bounds_and_a_gpu_group() -> None:
 
 @pytest.mark.parametrize("manifest", ["rayjob-segment.yaml", "rayjob-train.yaml"])
 def test_rayjob_entrypoints_parse_with_the_cli(manifest: str) -> None:
-    from wsi_pipeline.cli import build_parser
+    from wsi_pipeline.cli.main import build_parser
 
     words = shlex.split(manifests()[manifest]["spec"]["entrypoint"])
     assert words[0] == "python" and words[1].startswith("/app/jobs/")

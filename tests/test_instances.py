@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_pipeline.instances import instances_from_probabilities, mean_class_probability
 from wsi_pipeline.metrics import score_image
-from wsi_pipeline.targets import make_target, num_classes, one_hot
+from wsi_pipeline.segment.instances import instances_from_probabilities, mean_class_probability
+from wsi_pipeline.train.targets import make_target, num_classes, one_hot
 
 SHARED_DATA = Path(__file__).parents[1] / "../shared/data"
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_pipeline.losses import (
+from wsi_pipeline.train.losses import (
     class_weights_from_counts,
     create_loss,
     lovasz_softmax_flat,
@@ -32,7 +32,7 @@ def cases() -> list[tuple[str, int]]:
 
 
 def test_registry_lists_all_and_rejects_unknown() -> None:
-    from wsi_pipeline.losses import list_losses
+    from wsi_pipeline.train.losses import list_losses
 
     assert list_losses() == sorted(LOSSES)
     with pytest.raises(ValueError, match="ce_dice"):

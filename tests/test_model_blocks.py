@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pydantic
 import pytest
 import torch
 import yaml
 from torch import nn
 
-from wsi_pipeline.models import create_model, list_models, load_model_config, register_model
+from wsi_pipeline.config import ConfigError
+from wsi_pipeline.models import create_model, list_models, register_model
 from wsi_pipeline.models.attention import (
     ATTENTION_LAYERS,
     ECA,
@@ -21,10 +21,10 @@ from wsi_pipeline.models.attention import (
     eca_kernel_size,
 )
 from wsi_pipeline.models.blocks import ConvNormAct, TransformerLayer, create_act
-from wsi_pipeline.models.config import CONFIG_DIR
 from wsi_pipeline.models.gru_net import CDRB, MultiResBlock
 from wsi_pipeline.models.inception_v4 import InceptionV4Encoder
 from wsi_pipeline.models.mobilevit import MobileViTBlock, MobileViTEncoder
+from wsi_pipeline.train.config import load_train_config
 
 
 def rand(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -158,17 +158,18 @@ def test_encoder_weights_and_freezing(tmp_path: Path) -> None:
 
 
 def test_model_config_rejects_bad_values(tmp_path: Path) -> None:
-    raw = yaml.safe_load((CONFIG_DIR / "lanet.yaml").read_text())
-    raw["model"]["kwargs"]["width"] = 2
+    recipes = Path(__file__).resolve().parents[1] / "configs" / "train"
+    raw = yaml.safe_load((recipes / "lanet.yaml").read_text())
+    raw["model"]["kwargs"] = {"width": 2}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(pydantic.ValidationError, match="valid: .*agg_channels"):
-        load_model_config(path)
+    with pytest.raises(ConfigError, match="valid: .*agg_channels"):
+        load_train_config(path)
     del raw["model"]["kwargs"]["width"]
-    raw["training"]["input_size"] = 250
+    raw["data"]["input_size"] = 250
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(pydantic.ValidationError, match="multiple of 32"):
-        load_model_config(path)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        load_train_config(path)
 
 
 def test_register_model_rejects_duplicates_and_missing_divisor() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -14,19 +15,20 @@ import pytest
 import shapely
 import shapely.affinity
 import torch
+import yaml
 import zarr
 from conftest import shared_path
 from scipy import ndimage as ndi
 from shapely.geometry import shape
 
 from wsi_pipeline.checkpoint import ModelCard, save_checkpoint
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli.main import main
 from wsi_pipeline.config import SegmentConfig
-from wsi_pipeline.inference import quantize
 from wsi_pipeline.models import create_model
-from wsi_pipeline.polygons import rasterize
-from wsi_pipeline.segment import segment_slides
-from wsi_pipeline.targets import make_target, one_hot
+from wsi_pipeline.segment.job import segment_slides
+from wsi_pipeline.segment.polygons import rasterize
+from wsi_pipeline.segment.predictor import quantize
+from wsi_pipeline.train.targets import make_target, one_hot
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -98,7 +100,63 @@ def test_oracle_segmentation_matches_truth(tmp_path: Path, slide_path: Path, mos
     summary = json.loads((tmp_path / "synthetic.json").read_text())
     assert summary["nuclei"] == len(predicted) == result.nuclei
     assert summary["model"]["mpp"] == 0.5 and summary["tissue_mm2"] > 0
+    assert summary["oversize_dropped"] == result.oversize == 0  # nuclei << the 48 px overlap
     check_label_image(tmp_path / "synthetic.labels.zarr", data["features"], downsample=2.0)
+    assert not list(tmp_path.glob(".tmp-*"))  # the label image was renamed into place
+    # Results honour the umask (022 here), so other users of shared storage can read them.
+    for name in ["synthetic.geojson.gz", "synthetic.json", "segment-config.yaml"]:
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.fixture(autouse=True)
+def _umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+class EverythingIsOneNucleus:
+    """A model that sees one nucleus filling every tile: wider than any overlap."""
+
+    def __init__(self, checkpoint: str, device: str = "auto", tta: bool = False) -> None:
+        pass
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("image")
+        labels = np.ones(images.shape[1:3], dtype=np.int32)
+        p = quantize(one_hot(make_target(labels), 3))
+        batch["probs"] = np.stack([p] * len(images))
+        return batch
+
+
+def test_instances_wider_than_the_overlap_are_counted_and_reported(
+    tmp_path: Path, slide_path: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = SegmentConfig(checkpoint=str(checkpoint), tile=256, overlap=32, batch_size=4)
+    (result,) = segment_slides(
+        [str(slide_path)], str(tmp_path), config, predictor=EverythingIsOneNucleus
+    )
+    assert result.status == "complete", result.reason
+    # Every tile owns its one instance's centroid, and each touches an inner tile edge.
+    assert result.oversize == result.tiles > 1
+    assert result.nuclei == 0
+    summary = json.loads((tmp_path / "synthetic.json").read_text())
+    assert summary["oversize_dropped"] == result.oversize
+    assert "wider than the overlap" in caplog.text
+
+
+def test_saved_config_records_the_checkpoint_that_ran(tmp_path: Path, slide_path: Path) -> None:
+    from wsi_pipeline.checkpoint import resolve_checkpoint
+
+    config = SegmentConfig(tile=256, overlap=32)  # no checkpoint: the shipped default
+    (result,) = segment_slides(
+        [str(slide_path)], str(tmp_path), config, predictor=HematoxylinOracle
+    )
+    assert result.status == "complete", result.reason
+    saved = yaml.safe_load((tmp_path / "segment-config.yaml").read_text())
+    assert saved["checkpoint"] == str(resolve_checkpoint(None).resolve())
+    summary = json.loads((tmp_path / "synthetic.json").read_text())
+    assert summary["config"]["checkpoint"] == saved["checkpoint"]
 
 
 def check_label_image(path: Path, features: list[dict], downsample: float) -> None:
@@ -139,7 +197,7 @@ def test_geojson_is_qupath_ready(tmp_path: Path, slide_path: Path, checkpoint: P
 
 
 def test_polygons_rasterise_back_to_their_mask() -> None:
-    from wsi_pipeline.polygons import label_polygons
+    from wsi_pipeline.segment.polygons import label_polygons
 
     labels = np.zeros((40, 40), dtype=np.int32)
     yy, xx = np.mgrid[0:40, 0:40]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import SLIDE_MPP, shared_path
 
-from wsi_pipeline.slide import SlideError, open_slide
-from wsi_pipeline.tiling import Box
+from wsi_pipeline.slides.slide import SlideError, open_slide
+from wsi_pipeline.slides.tiling import Box
 
 BACKENDS = ["openslide", "tiffslide"]
 

@@ -10,12 +10,12 @@ from shapely.geometry import Polygon, box
 
 from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard
-from wsi_pipeline.inference import tile_nuclei
-from wsi_pipeline.instances import instances_from_probabilities
-from wsi_pipeline.polygons import label_polygons
-from wsi_pipeline.stitching import Nucleus, SeamResolver
-from wsi_pipeline.targets import make_target, one_hot
-from wsi_pipeline.tiling import Box, TileGrid
+from wsi_pipeline.segment.instances import instances_from_probabilities
+from wsi_pipeline.segment.nuclei import tile_nuclei
+from wsi_pipeline.segment.polygons import label_polygons
+from wsi_pipeline.segment.stitching import Nucleus, SeamResolver
+from wsi_pipeline.slides.tiling import Box, TileGrid
+from wsi_pipeline.train.targets import make_target, one_hot
 
 CARD = ModelCard(architecture="unet", mpp=0.5)
 
@@ -42,7 +42,10 @@ def tiled_polygons(probs: np.ndarray, grid: TileGrid, downsample: float) -> list
         crop[:, : inside.height, : inside.width] = probs[
             :, inside.y0 : inside.y1, inside.x0 : inside.x1
         ]
-        nuclei = tile_nuclei(crop, tile, grid, card=CARD, downsample=downsample, level0_mpp=0.25)
+        nuclei, oversize = tile_nuclei(
+            crop, tile, grid, card=CARD, downsample=downsample, level0_mpp=0.25
+        )
+        assert oversize == 0  # every nucleus is narrower than the overlap
         kept += resolver.add((tile.col, tile.row), nuclei)
     return [n.polygon for n in kept + resolver.finish()]
 
@@ -94,3 +97,23 @@ def test_nuclei_near_a_seam_wait_for_the_neighbour() -> None:
     near = Nucleus(square(92, 40), (97, 45), (0, 0))
     assert resolver.add((0, 0), [near]) == []
     assert resolver.add((1, 0), []) == [near]
+
+
+def test_an_instance_wider_than_the_overlap_is_counted_not_silently_lost() -> None:
+    from wsi_pipeline.segment.stitching import owned_instances
+
+    grid = TileGrid(256, 128, 128, 16)  # two tiles side by side, overlap 16 px
+    tile = grid.tile_at(0, 0)
+    labels = np.zeros((128, 128), dtype=np.int32)
+    labels[40:60, 60:128] = 1  # centroid (x 94) in this tile's core, cut at the inner edge
+    labels[10:20, 10:20] = 2  # a small nucleus well inside
+    keep, oversize = owned_instances(labels, tile, grid)
+    assert keep == [2] and oversize == 1
+    # The neighbour sees its cut piece, whose centroid (x 120.5) lies in the neighbour's core:
+    # it is dropped and counted there too (the count is per tile, an upper bound).
+    right = np.zeros((128, 128), dtype=np.int32)
+    right[40:60, 0:16] = 1
+    assert owned_instances(right, grid.tile_at(1, 0), grid) == ([], 1)
+    right[:] = 0
+    right[40:60, 0:6] = 1  # centroid x 115: in tile 0's core, so tile 1 neither keeps nor counts
+    assert owned_instances(right, grid.tile_at(1, 0), grid) == ([], 0)

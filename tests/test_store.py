@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from wsi_pipeline import store
-from wsi_pipeline.tiling import Box
+from wsi_pipeline.slides import image_store as store
+from wsi_pipeline.slides.tiling import Box
 
 
 def layout(**kw) -> store.StoreLayout:
@@ -20,7 +20,6 @@ def layout(**kw) -> store.StoreLayout:
         width=500,
         height=300,
         tile=64,
-        overlap=0,
         shard=128,
         levels=3,
     )

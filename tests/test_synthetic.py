@@ -10,8 +10,9 @@ from conftest import shared_path
 from shapely.geometry import Polygon
 
 from wsi_pipeline import synthetic
-from wsi_pipeline.polygons import label_polygons, rasterize
-from wsi_pipeline.tiling import Box
+from wsi_pipeline.segment.polygons import label_polygons, rasterize
+from wsi_pipeline.slides.tiling import Box
+from wsi_pipeline.train.augment import square_symmetry
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -26,7 +27,7 @@ def test_polygon_transform_matches_array_transform(t: int) -> None:
     polygon = Polygon([(3, 2), (9, 2), (9, 5), (5, 5), (5, 12), (3, 12)])
     assert np.array_equal(rasterize(polygon, (16, 16)), mask)
     moved = synthetic.transform_polygon(polygon, t, 16)
-    assert np.array_equal(rasterize(moved, (16, 16)), synthetic.transform_array(mask, t))
+    assert np.array_equal(rasterize(moved, (16, 16)), square_symmetry(mask, t))
 
 
 def test_synthetic_tile_has_known_nuclei() -> None:
@@ -78,7 +79,7 @@ def test_truth_geojson(tmp_path: Path, mosaic: synthetic.MosaicSlide) -> None:
 
 @pytest.mark.shared_data
 def test_mosaic_from_real_annotated_tiles(tmp_path: Path) -> None:
-    from wsi_pipeline.slide import open_slide
+    from wsi_pipeline.slides.slide import open_slide
 
     sources = synthetic.load_annotated_tiles(shared_path("monuseg_train"))[:3]
     slide = synthetic.MosaicSlide(sources, 2500, 1800, seed=0)

@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries
 
-from wsi_pipeline.targets import BOUNDARY, INTERIOR, make_target, num_classes, one_hot
+from wsi_pipeline.train.targets import BOUNDARY, INTERIOR, make_target, num_classes, one_hot
 
 
 def test_two_touching_squares_by_hand() -> None:

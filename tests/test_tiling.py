@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsi_pipeline.tiling import Box, ShardGrid, TileGrid, grid_size
+from wsi_pipeline.slides.tiling import Box, ShardGrid, TileGrid, grid_size
 
 grids = st.builds(
     lambda w, h, t, frac: TileGrid(w, h, t, int(t * frac)),

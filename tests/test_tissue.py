@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline.slide import open_slide
-from wsi_pipeline.tiling import Box
-from wsi_pipeline.tissue import detect_tissue, tissue_mask_from_rgb
+from wsi_pipeline.slides.slide import open_slide
+from wsi_pipeline.slides.tiling import Box
+from wsi_pipeline.slides.tissue import detect_tissue, tissue_mask_from_rgb
 
 
 def test_blank_glass_has_no_tissue() -> None:

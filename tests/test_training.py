@@ -14,17 +14,13 @@ import pytest
 import torch
 from test_datasets import write_folder_dataset
 
-from wsi_pipeline import datasets
 from wsi_pipeline.checkpoint import load_checkpoint, read_card
-from wsi_pipeline.cli import main
+from wsi_pipeline.cli.main import main
 from wsi_pipeline.config import ConfigError, dump_config
-from wsi_pipeline.training import (
-    TrainConfig,
-    _Progress,
-    load_train_config,
-    run_training,
-    warmup_cosine,
-)
+from wsi_pipeline.train import ingest
+from wsi_pipeline.train.config import TrainConfig, load_train_config
+from wsi_pipeline.train.loop import _Progress, warmup_cosine
+from wsi_pipeline.train.trainer import run_training
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]
 
@@ -60,7 +56,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("train-data")
     splits = ["train"] * 6 + ["val"] * 2
     data = write_folder_dataset(root / "synthetic", n=8, size=96, splits=splits)
-    datasets.ingest_folder(data, root / "train.zarr")
+    ingest.ingest_folder(data, root / "train.zarr")
     return str(root / "train.zarr")
 
 
@@ -179,6 +175,33 @@ def test_config_errors_name_the_key(store: str, tmp_path: Path) -> None:
         load_train_config(None, {"model": {"name": "lanet"}, "data": {"input_size": 48}})
     with pytest.raises(ConfigError, match="validation items"):
         run_training(tiny_config(data={"val_splits": ["nope"]}), store, tmp_path)
+
+
+def test_set_changes_one_key_of_a_section_the_flags_set(tmp_path: Path, capsys) -> None:
+    """``--data X --set data.steps_per_epoch=5`` trains on X, not on the default store."""
+    missing = str(tmp_path / "mine.zarr")
+    assert main(["train", "--data", missing, "--set", "data.steps_per_epoch=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and missing in err[0] and "train.zarr" not in err[0]
+
+
+def test_postprocess_is_strict_and_declares_every_argument() -> None:
+    import inspect
+
+    from wsi_pipeline.checkpoint import PostProcess
+    from wsi_pipeline.segment.instances import instances_from_probabilities
+
+    with pytest.raises(ConfigError, match="postprocess.interior_treshold: unknown key"):
+        load_train_config(None, {"postprocess": {"interior_treshold": 0.3}})
+    keyword_only = [
+        name
+        for name, p in inspect.signature(instances_from_probabilities).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    assert sorted(PostProcess.model_fields) == sorted(keyword_only)
+    for name, field in PostProcess.model_fields.items():
+        default = inspect.signature(instances_from_probabilities).parameters[name].default
+        assert field.default == default, name
 
 
 def test_warmup_then_cosine() -> None:

@@ -10,9 +10,9 @@ from test_datasets import write_folder_dataset
 from test_evaluate import checkpoint, run_cli  # noqa: F401  (fixture)
 
 from wsi_pipeline.checkpoint import read_card
-from wsi_pipeline.evaluation import evaluate_checkpoint
-from wsi_pipeline.targets import make_target, one_hot
-from wsi_pipeline.tuning import best_postprocess, grid_points
+from wsi_pipeline.train.evaluation import evaluate_checkpoint
+from wsi_pipeline.train.targets import make_target, one_hot
+from wsi_pipeline.train.tuning import best_postprocess, grid_points
 
 
 def _touching_pair() -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from wsi_pipeline import __version__
+from wsi_pipeline.batch import error_line
+from wsi_pipeline.models.registry import load_weights, strip_wrappers
 
 WEIGHTS = "model.pt"
 CARD = "model.json"
 SHIPPED = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "nuclei-unet16"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint cannot be found or loaded; the message is one line saying which and why."""
 
 
 class Normalization(BaseModel):
@@ -37,28 +43,20 @@ class Normalization(BaseModel):
     std: list[float] = Field(default_factory=lambda: [0.25, 0.25, 0.25])
 
 
-def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
-    """(B, H, W, 3) uint8 → (B, 3, H, W) float, ``(x / 255 - mean) / std``."""
-    mean = torch.tensor(norm.mean, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(norm.std, device=images.device).view(1, -1, 1, 1)
-    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
-
-
-def choose_device(device: str = "auto") -> torch.device:
-    """``"auto"``: CUDA if available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class PostProcess(BaseModel):
-    """Arguments of :func:`wsi_pipeline.instances.instances_from_probabilities` for this model."""
+    """Every keyword argument of instance extraction for this model
+    (:func:`~wsi_pipeline.segment.instances.instances_from_probabilities`); an unknown key is
+    an error, so a typo never reaches a training worker."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    min_size: int = 10
-    interior_threshold: float = 0.5
-    foreground_threshold: float = 0.5
+    min_size: int = Field(10, ge=0, description="instances with fewer px are removed")
+    interior_threshold: float = Field(0.5, ge=0, le=1, description="marker seed (3class)")
+    foreground_threshold: float = Field(0.5, ge=0, le=1, description="nucleus px")
+    marker_min_size: int = Field(4, ge=0, description="smaller markers are noise (3class)")
+    split_touching: bool = Field(True, description="distance watershed (binary)")
+    peak_min_distance: int = Field(5, ge=1, description="px between seeds (binary)")
+    fill_holes: bool = Field(True, description="fill holes enclosed by one instance")
 
 
 class ModelCard(BaseModel):
@@ -87,7 +85,7 @@ class ModelCard(BaseModel):
 
 def build_model(card: ModelCard) -> nn.Module:
     """An untrained model of the card's architecture."""
-    from wsi_pipeline.models import create_model
+    from wsi_pipeline.models import create_model  # registers the architectures
 
     return create_model(
         card.architecture, in_channels=card.in_channels, num_classes=card.num_classes, **card.kwargs
@@ -105,8 +103,7 @@ def save_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {}
-    for key, value in model.state_dict().items():
-        key = key.removeprefix("_orig_mod.").removeprefix("module.")  # compiled / DDP wrappers
+    for key, value in strip_wrappers(model.state_dict()).items():
         value = value.detach().cpu()
         state[key] = value.half() if half and value.is_floating_point() else value
     torch.save(state, path / WEIGHTS)
@@ -114,25 +111,30 @@ def save_checkpoint(
     return path
 
 
-def read_card(path: str | Path) -> ModelCard:
-    """The model card of a checkpoint directory."""
-    card_file = Path(path) / CARD
-    if not card_file.exists():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {CARD})")
-    return ModelCard.model_validate(json.loads(card_file.read_text()))
+def read_card(checkpoint: str | Path | None) -> ModelCard:
+    """The model card of a checkpoint: a directory, a shipped model's name or ``None`` (the
+    default model)."""
+    card_file = resolve_checkpoint(checkpoint) / CARD
+    try:
+        return ModelCard.model_validate(json.loads(card_file.read_text()))
+    except (ValueError, OSError) as exc:  # ValidationError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{card_file}: not a valid model card ({error_line(exc)})") from None
 
 
 def load_checkpoint(
-    path: str | Path, *, device: str | torch.device = "cpu"
+    checkpoint: str | Path | None, *, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, ModelCard]:
-    """The model (eval mode, on ``device``) and card of a checkpoint directory."""
+    """The model (eval mode, on ``device``) and card of a checkpoint (see :func:`read_card`)."""
+    path = resolve_checkpoint(checkpoint)
     card = read_card(path)
     model = build_model(card)
-    weights = Path(path) / WEIGHTS
+    weights = path / WEIGHTS
     if not weights.exists():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {WEIGHTS})")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+        raise CheckpointError(f"{path}: not a checkpoint (no {WEIGHTS})")
+    try:
+        load_weights(model, weights)
+    except Exception as exc:  # a truncated or foreign file; a refused pickle
+        raise CheckpointError(f"{weights}: cannot load the weights ({error_line(exc)})") from None
     return model.to(device).eval(), card
 
 
@@ -154,7 +156,7 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
     """A checkpoint directory from a path, a shipped model's name, or ``None`` (the default).
 
     Raises:
-        FileNotFoundError: nothing matches; the message lists the shipped models.
+        CheckpointError: nothing matches; the message lists the shipped models.
     """
     name = DEFAULT_MODEL if checkpoint is None else str(checkpoint)
     path = Path(name)
@@ -169,4 +171,4 @@ def resolve_checkpoint(checkpoint: str | Path | None) -> Path:
         if checkpoint is None
         else (f"{name}: not a checkpoint directory (model.json + model.pt) nor a shipped model")
     )
-    raise FileNotFoundError(f"{what}; shipped models: {valid}")
+    raise CheckpointError(f"{what}; shipped models: {valid}")

@@ -42,7 +42,6 @@ class TileConfig(StrictModel):
 
     mpp: float = Field(0.5, gt=0, description="target resolution, µm/px")
     tile: int = Field(512, ge=32, description="tile (= Zarr chunk) size in px at mpp")
-    overlap: int = Field(0, ge=0, description="overlap recorded for tiled reads downstream, px")
     shard_tiles: int = Field(4, ge=1, description="tiles per shard side (one writer per shard)")
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
     mpp_override: float | None = Field(
@@ -98,6 +97,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def merge_overrides(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Override layers (flags, then ``--set``), later ones deeper: ``--set data.x=1`` changes
+    one key of a ``data`` section an earlier layer set, instead of replacing the section.
+    ``None`` values (flags not given) are dropped."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _merge(merged, {k: v for k, v in layer.items() if v is not None})
+    return merged
+
+
 def load_config(
     model: type[ModelT], path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> ModelT:
@@ -129,6 +138,21 @@ def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
+def save_config(config: BaseModel, path: str) -> None:
+    """Write :func:`dump_config` atomically to a local path or URL."""
+    from wsi_pipeline import storage
+
+    storage.write_bytes_atomic(path, dump_config(config).encode())
+
+
+def flag_help(model: type[BaseModel], name: str) -> str:
+    """A command-line flag's help from its config field: the description and the default, so
+    the two can never drift apart."""
+    field = model.model_fields[name]
+    default = "" if field.default is None else f" (default {field.default})"
+    return f"{field.description or name}{default}"
+
+
 class SegmentConfig(StrictModel):
     """``wsi-pipeline segment``: slides (or tiling stores) → nuclei polygons per slide."""
 
@@ -141,7 +165,7 @@ class SegmentConfig(StrictModel):
     )
     batch_size: int = Field(8, ge=1, description="tiles per predictor call")
     tta: bool = Field(False, description="flip test-time augmentation (3x compute)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
     predictors: int | None = Field(None, ge=1, description="predictor actors (default: GPUs or 1)")
     cpus_per_predictor: float = Field(1.0, gt=0)
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"

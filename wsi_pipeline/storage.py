@@ -6,15 +6,17 @@ temporary file and a rename; on object stores a single ``put`` is already all-or
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import os
-import tempfile
+import shutil
+import uuid
 from typing import Any
 
 import fsspec
 
-from wsi_pipeline.slide import is_url
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is an fsspec URL (``s3://``, ``gs://``, ``http://`` …), not a local file."""
+    return "://" in path and not path.startswith("file://")
 
 
 def join(base: str, *parts: str) -> str:
@@ -39,17 +41,52 @@ def makedirs(path: str) -> None:
     fs.makedirs(inner, exist_ok=True)
 
 
+TMP_PREFIX = ".tmp-"
+
+
+def temporary_path(path: str) -> str:
+    """A fresh sibling name for writing ``path`` before it is renamed into place.
+
+    The name holds this process's id, so that :func:`remove_stale_temporaries` never removes
+    what a live run is still writing. Files created under it honour the umask (``mkstemp``'s
+    would be private to their owner, and results on shared storage are read by others).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}")
+
+
+def remove_stale_temporaries(directory: str) -> None:
+    """Remove the temporary files and folders that dead processes of this host left."""
+    for name in os.listdir(directory):
+        if not name.startswith(TMP_PREFIX):
+            continue
+        pid = name[len(TMP_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        path = os.path.join(directory, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` so that ``path`` is never seen half-written."""
     if is_url(path):
         fs, inner = filesystem(path)
         fs.pipe_file(inner, data)
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    tmp = temporary_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -67,12 +104,3 @@ def remove_tree(path: str) -> None:
     fs, inner = filesystem(path)
     if fs.exists(inner):
         fs.rm(inner, recursive=True)
-
-
-def write_results_csv(results: list[Any], path: str, *, exclude: tuple[str, ...] = ()) -> None:
-    """A batch summary: one CSV row per result dataclass, its fields as columns."""
-    rows = [{k: v for k, v in dataclasses.asdict(r).items() if k not in exclude} for r in results]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)

@@ -23,10 +23,12 @@ from PIL import Image
 from shapely import affinity
 from shapely.geometry import Polygon
 
-from wsi_pipeline.export import FeatureWriter, nucleus_feature
-from wsi_pipeline.polygons import label_polygons, largest_polygon
-from wsi_pipeline.store import downsample2
-from wsi_pipeline.tiling import Box, ShardGrid
+from wsi_pipeline.segment.geojson import FeatureWriter, nucleus_feature
+from wsi_pipeline.segment.polygons import label_polygons, largest_polygon
+from wsi_pipeline.slides.image_store import downsample2
+from wsi_pipeline.slides.tiling import Box, ShardGrid
+from wsi_pipeline.train.augment import square_symmetry
+from wsi_pipeline.train.ingest import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,6 @@ STROMA = np.array([236, 168, 200], dtype=np.float32)
 NUCLEUS = np.array([92, 52, 140], dtype=np.float32)
 GLASS = 255
 TIFF_TILE = 256
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def synthetic_tile(
@@ -114,14 +115,8 @@ def load_annotated_tiles(directory: str | Path) -> list[tuple[np.ndarray, np.nda
     return pairs
 
 
-def transform_array(array: np.ndarray, t: int) -> np.ndarray:
-    """One of the 8 symmetries of the square: ``t % 4`` quarter turns, then a flip if ``t >= 4``."""
-    out = np.rot90(array, t % 4)
-    return out[:, ::-1] if t >= 4 else out
-
-
 def transform_polygon(polygon: Polygon, t: int, size: float) -> Polygon:
-    """The symmetry of :func:`transform_array` on pixel-corner coordinates in ``[0, size]``."""
+    """The symmetry of :func:`square_symmetry` on pixel-corner coordinates in ``[0, size]``."""
     for _ in range(t % 4):
         # np.rot90 sends input (x, y) to output (y, size - x).
         polygon = affinity.affine_transform(polygon, [0, 1, -1, 0, 0, size])
@@ -228,7 +223,7 @@ class MosaicSlide:
         for index, cell_box in self._cells(box.clip(w, h), self.cell >> level):
             src = self._sources[self._source_of[index]]
             self._paste(
-                out, box, cell_box, transform_array(src.pyramid[level], self._transform_of[index])
+                out, box, cell_box, square_symmetry(src.pyramid[level], self._transform_of[index])
             )
         self._blank_outside(out, box, w, h)
         return out
@@ -238,7 +233,7 @@ class MosaicSlide:
         out = np.zeros((box.height, box.width), dtype=np.uint32)
         for index, cell_box in self._cells(box.clip(self.width, self.height), self.cell):
             src = self._sources[self._source_of[index]]
-            labels = transform_array(src.labels, self._transform_of[index]).astype(np.uint32)
+            labels = square_symmetry(src.labels, self._transform_of[index]).astype(np.uint32)
             labels[labels > 0] += np.uint32(self._label_offset[index])
             self._paste(out, box, cell_box, labels)
         self._blank_outside(out, box, self.width, self.height)

@@ -9,7 +9,6 @@ multiples of ``model.size_divisor``.
 from __future__ import annotations
 
 from . import case_unet, gru_net, lanet, leecau_net, sa_unet, unet  # noqa: F401  (registers)
-from .config import ModelConfig, load_model_config
 from .registry import (
     create_model,
     get_model_class,
@@ -21,11 +20,9 @@ from .registry import (
 )
 
 __all__ = [
-    "ModelConfig",
     "create_model",
     "get_model_class",
     "list_models",
-    "load_model_config",
     "load_weights",
     "model_kwargs",
     "register_model",

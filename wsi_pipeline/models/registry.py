@@ -13,7 +13,7 @@ from torch import Tensor, nn
 M = TypeVar("M", bound=type[nn.Module])
 
 _MODELS: dict[str, type[nn.Module]] = {}
-_COMPILED_PREFIX = "_orig_mod."
+_COMPILED_PREFIX, _DDP_PREFIX = "_orig_mod.", "module."
 
 
 def register_model(name: str) -> Callable[[M], M]:
@@ -109,8 +109,12 @@ def _unwrap(state: object) -> Mapping[str, Tensor]:
                 break
     if not isinstance(state, Mapping):
         raise ValueError(f"expected a state dict, got {type(state).__name__}")
-    # torch.compile wraps the module, so its state-dict keys carry this prefix.
-    return {k.removeprefix(_COMPILED_PREFIX): v for k, v in state.items()}
+    return strip_wrappers(state)
+
+
+def strip_wrappers(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """State-dict keys without the prefixes ``torch.compile`` and DDP add to a wrapped module."""
+    return {k.removeprefix(_COMPILED_PREFIX).removeprefix(_DDP_PREFIX): v for k, v in state.items()}
 
 
 def load_weights(module: nn.Module, path: str | Path) -> None:

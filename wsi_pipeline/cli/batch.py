@@ -1,0 +1,78 @@
+"""What the batch commands share: exit codes, user errors, Ray start-up, config and the summary.
+
+``tile`` and ``segment`` run the same way: config from ``--config``, flags and ``--set``; the
+inputs expanded; Ray started (or joined); the job; then ``summary.csv`` and one line per slide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from wsi_pipeline.batch import Status
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def init_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; quiet unless asked."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+
+
+def config_from_args(model: type, args: argparse.Namespace) -> Any:
+    """``model`` from ``--config`` with every flag named like a field, and ``--set``, on top."""
+    from wsi_pipeline.config import load_config, merge_overrides, parse_assignments
+
+    flags = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+    return load_config(model, args.config, merge_overrides(flags, parse_assignments(args.set)))
+
+
+def check_output(out: str) -> None:
+    """Refuse an ``--out`` the jobs cannot write to, before any work."""
+    from wsi_pipeline import storage
+
+    if storage.is_url(out):
+        raise CliError(
+            f"--out {out}: URL outputs are not supported (stores and results are renamed into "
+            "place atomically, which object stores cannot do); write to a local or mounted path"
+        )
+
+
+def run_batch(
+    args: argparse.Namespace,
+    model: type,
+    run: Callable[..., list[Any]],
+    describe: Callable[[Any], str],
+) -> int:
+    """Config, inputs, Ray, the job (which saves its resolved config), summary, report."""
+    from wsi_pipeline import storage
+    from wsi_pipeline.batch import write_results_csv
+    from wsi_pipeline.slides.inputs import expand_inputs
+
+    check_output(args.out)
+    config = config_from_args(model, args)
+    slides = expand_inputs(args.inputs)
+    init_ray()
+    start = time.perf_counter()
+    results = run(slides, args.out, config)
+    summary = storage.join(args.out, "summary.csv")
+    write_results_csv(results, summary, exclude=("errors",))
+    for r in results:
+        print(f"{r.status:>9}  {r.slide}  ({r.reason or describe(r)})")
+    counts = {s: sum(r.status == s for r in results) for s in Status}
+    print(
+        f"{len(results)} slides in {time.perf_counter() - start:.1f} s: "
+        f"{counts[Status.COMPLETE]} complete, {counts[Status.SKIPPED]} skipped, "
+        f"{counts[Status.FAILED]} failed; summary: {summary}"
+    )
+    return EXIT_FAILED if counts[Status.FAILED] else 0

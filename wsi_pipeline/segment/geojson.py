@@ -1,0 +1,116 @@
+"""QuPath GeoJSON: a FeatureCollection streamed to disk, one feature at a time.
+
+The file is written under a temporary name and renamed once complete, so a reader never sees a
+half-written collection. A ``.gz`` suffix gzips it (QuPath opens ``.geojson.gz`` directly).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from types import TracebackType
+from typing import IO, Any
+
+import geojson
+from shapely.geometry import Polygon, mapping
+
+from wsi_pipeline import storage
+
+NUCLEUS_CLASS = {"name": "Nucleus", "color": [224, 64, 64]}
+
+
+def nucleus_feature(
+    polygon: Polygon,
+    measurements: dict[str, float] | None = None,
+    *,
+    object_type: str = "detection",
+) -> dict[str, Any]:
+    """One QuPath detection (or annotation) feature with a fresh UUID."""
+    properties: dict[str, Any] = {"objectType": object_type, "classification": NUCLEUS_CLASS}
+    if measurements:
+        properties["measurements"] = measurements
+    return {
+        "type": "Feature",
+        "id": str(uuid.uuid4()),
+        "geometry": mapping(polygon),
+        "properties": properties,
+    }
+
+
+class FeatureWriter:
+    """Stream features into a GeoJSON FeatureCollection file (atomically, optionally gzipped)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.count = 0
+        self._tmp: str | None = None
+        self._file: IO[str] | None = None
+
+    def open(self) -> FeatureWriter:
+        """Start the collection in a temporary file beside the final one."""
+        self._tmp = storage.temporary_path(self.path)
+        if self.path.endswith(".gz"):
+            self._file = gzip.open(self._tmp, "wt", compresslevel=5)  # noqa: SIM115
+        else:
+            self._file = open(self._tmp, "w")  # noqa: SIM115 - closed in close()/abort()
+        self._file.write('{"type": "FeatureCollection", "features": [\n')
+        return self
+
+    def write(self, feature: dict[str, Any]) -> None:
+        assert self._file is not None, "call open() first (or use a with block)"
+        if self.count:
+            self._file.write(",\n")
+        self._file.write(json.dumps(feature, separators=(",", ":")))
+        self.count += 1
+
+    def write_raw(self, text: str, count: int) -> None:
+        """Append ``count`` features already serialised and joined by ``",\\n"``."""
+        assert self._file is not None, "call open() first (or use a with block)"
+        if not count:
+            return
+        if self.count:
+            self._file.write(",\n")
+        self._file.write(text)
+        self.count += count
+
+    def close(self) -> None:
+        """Finish the collection and move it to its final name."""
+        assert self._file is not None and self._tmp is not None
+        self._file.write("\n]}\n")
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        self._file = None
+
+    def abort(self) -> None:
+        """Drop the unfinished file; nothing appears under the final name."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp and os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> FeatureWriter:
+        return self.open()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def read_features(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Features of a GeoJSON file (plain or gzipped; FeatureCollection or a bare list)."""
+    opener = gzip.open if os.fspath(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        data = geojson.load(f)
+    features = data["features"] if isinstance(data, dict) else data
+    yield from features

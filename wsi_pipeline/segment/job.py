@@ -1,0 +1,498 @@
+"""The segment job: slides (or tiling stores) → QuPath GeoJSON nuclei per slide, on Ray Data.
+
+Graph, streaming end to end::
+
+    tile rows (slide, col, row) ──map(read_tile)──▶ RGB tiles (CPU tasks)
+              ──map_batches(Predictor, ActorPoolStrategy)──▶ uint8 probabilities (GPU or CPU actors)
+              ──map(postprocess_tile)──▶ owned nuclei (CPU tasks)
+              ──▶ driver: SeamResolver → streaming GeoJSON writer, per slide
+              ──▶ optionally one Ray task per label shard (``--labels``), awaited without blocking
+
+Rows carry only a slide, a tile index and arrays; each task gets the slides' plans and the model
+card once, as arguments, and nuclei near a seam travel exactly (pickled shapely polygons).
+
+Planning reads each slide's thumbnail for its tissue tiles. The driver holds, per slide in flight,
+one open GeoJSON file and the few nuclei waiting on a seam; memory is bounded by the batch sizes,
+never by slide size or nuclei count. A slide is complete once ``<name>.json`` exists (written
+last, atomically; the label image is written under a temporary name and renamed before it);
+re-running skips complete slides and redoes the others from scratch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from wsi_pipeline import __version__, storage
+from wsi_pipeline.batch import COMPLETE, FAILED, SKIPPED, SlideResult, error_line
+from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint
+from wsi_pipeline.config import SegmentConfig, save_config
+from wsi_pipeline.segment.geojson import FeatureWriter
+from wsi_pipeline.segment.label_store import ShardBuckets, create_label_store, write_label_shard
+from wsi_pipeline.segment.nuclei import nucleus_json, pack_nuclei, tile_nuclei, unpack_nuclei
+from wsi_pipeline.segment.predictor import Predictor, dequantize
+from wsi_pipeline.segment.stitching import SeamResolver, seam_neighbours
+from wsi_pipeline.slides.image_store import read_layout
+from wsi_pipeline.slides.image_store import read_region as read_store_region
+from wsi_pipeline.slides.inputs import slide_stem
+from wsi_pipeline.slides.slide import SlideError, open_slide
+from wsi_pipeline.slides.tiling import TileGrid, grid_size
+from wsi_pipeline.slides.tissue import TissueMask, detect_tissue
+
+logger = logging.getLogger(__name__)
+
+MPP_TOLERANCE = 0.01
+# Logical CPUs of a read task and of a post-process task. Half a CPU each lets one read, one
+# predictor (1 CPU) and one post-process task run at once even on a 2-core laptop: with 1 CPU,
+# post-processing waited there until every read had finished, and the predictor's output piled
+# up in the object store in proportion to the slide's size.
+READ_CPUS = 0.5
+POSTPROCESS_CPUS = 0.5
+LABEL_SHARD_TILES = 4
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Where a slide's tiles come from and how they are laid out (grid px at the model's mpp)."""
+
+    slide: str
+    stem: str
+    source: Literal["slide", "store"]
+    path: str
+    backend: str
+    level0_mpp: float
+    downsample: float
+    width: int
+    height: int
+    tile: int
+    overlap: int
+    tissue_mm2: float
+    tiles: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def grid(self) -> TileGrid:
+        return TileGrid(self.width, self.height, self.tile, self.overlap)
+
+    def without_tiles(self) -> SlidePlan:
+        """The plan as tasks get it: the tile list is the driver's alone, and would make what
+        every task receives grow with the slides' sizes."""
+        return dataclasses.replace(self, tiles=[])
+
+
+@dataclass
+class SegmentResult(SlideResult):
+    """One slide's outcome in a segment batch (a row of ``summary.csv``)."""
+
+    nuclei: int = 0
+    tiles: int = 0
+    tissue_mm2: float = 0.0
+    seconds: float = 0.0
+    oversize: int = 0
+    geojson: str = ""
+    labels: str = ""
+
+
+def output_paths(out_dir: str, stem: str, config: SegmentConfig) -> tuple[str, str]:
+    suffix = ".geojson.gz" if config.gzip else ".geojson"
+    return str(Path(out_dir) / f"{stem}{suffix}"), str(Path(out_dir) / f"{stem}.json")
+
+
+def _is_store(path: str) -> bool:
+    return path.rstrip("/").endswith(".zarr")
+
+
+def plan_slide(slide_path: str, card: ModelCard, config: SegmentConfig) -> SlidePlan:
+    """Open a slide or tiling store and list its tissue tiles at the model's mpp."""
+    if _is_store(slide_path):
+        return _plan_store(slide_path, card, config)
+    slide = open_slide(slide_path, config.backend, mpp_override=config.mpp_override)
+    downsample = slide.downsample_for(card.mpp)
+    width, height = grid_size(*slide.dimensions, downsample)
+    tissue = detect_tissue(slide, **config.tissue.model_dump(exclude={"min_fraction"}))
+    plan = SlidePlan(
+        slide=slide_path,
+        stem=slide_stem(slide_path),
+        source="slide",
+        path=slide_path,
+        backend=slide.backend,
+        level0_mpp=slide.mpp,
+        downsample=downsample,
+        width=width,
+        height=height,
+        tile=config.tile,
+        overlap=config.overlap,
+        tissue_mm2=tissue.area_mm2(),
+    )
+    return _with_tissue_tiles(plan, tissue, card, config)
+
+
+def _plan_store(path: str, card: ModelCard, config: SegmentConfig) -> SlidePlan:
+    if not storage.exists(storage.join(path, "zarr.json")):
+        raise SlideError(f"{path}: not a tiling store (no zarr.json)")
+    layout = read_layout(path)
+    if abs(layout.mpp - card.mpp) > MPP_TOLERANCE * card.mpp:
+        raise SlideError(
+            f"{path}: tiled at {layout.mpp} µm/px but the model runs at {card.mpp} µm/px; "
+            f"re-tile with --mpp {card.mpp} or segment the slide itself"
+        )
+    group = zarr.open_group(path, mode="r")
+    tissue_mpp = group.attrs["wsi_pipeline"]["tissue"]["mpp"]
+    tissue = TissueMask(group["tissue"][:] > 0, tissue_mpp, layout.source_mpp)
+    plan = SlidePlan(
+        slide=layout.source,
+        stem=slide_stem(path),
+        source="store",
+        path=path,
+        backend=layout.backend,
+        level0_mpp=layout.source_mpp,
+        downsample=layout.downsample,
+        width=layout.width,
+        height=layout.height,
+        tile=config.tile,
+        overlap=config.overlap,
+        tissue_mm2=tissue.area_mm2(),
+    )
+    return _with_tissue_tiles(plan, tissue, card, config)
+
+
+def _with_tissue_tiles(
+    plan: SlidePlan, tissue: TissueMask, card: ModelCard, config: SegmentConfig
+) -> SlidePlan:
+    """The plan with the tiles whose core holds tissue (cores partition the slide)."""
+    min_fraction = config.tissue.min_fraction
+    tiles = [(t.col, t.row) for t in plan.grid if tissue.has_tissue(t.core, card.mpp, min_fraction)]
+    return dataclasses.replace(plan, tiles=tiles)
+
+
+def read_tile(
+    row: dict[str, Any], plans: dict[str, SlidePlan], mpp: float, mpp_override: float | None
+) -> dict[str, Any]:
+    """Add the tile's RGB pixels (white outside the slide) to its row."""
+    plan = plans[row["slide"]]
+    tile = plan.grid.tile_at(row["col"], row["row"])
+    box = tile.box
+    try:
+        if plan.source == "store":
+            image = read_store_region(plan.path, box)
+        else:
+            slide = open_slide(plan.path, plan.backend, mpp_override=mpp_override)
+            ds = plan.downsample
+            image = slide.read_region(box.x0 * ds, box.y0 * ds, box.width, box.height, mpp=mpp)
+    except Exception as exc:  # reported for the slide; the batch goes on
+        row["error"] = error_line(exc)
+        image = np.full((plan.tile, plan.tile, 3), 255, dtype=np.uint8)
+    row["image"] = image
+    return row
+
+
+def postprocess_tile(
+    row: dict[str, Any],
+    plans: dict[str, SlidePlan],
+    card: ModelCard,
+    simplify: float,
+    seam_margin: float,
+    keep_all: bool,
+) -> dict[str, Any]:
+    """Replace a tile's probabilities by the nuclei it owns.
+
+    Nuclei no other tile can have claimed leave as finished GeoJSON text (``features``, so the
+    driver only copies them); those near a seam leave exactly (``seam``) for the driver's
+    :class:`SeamResolver`. With ``keep_all`` every nucleus goes the second way. ``oversize``
+    counts the instances lost for being wider than the overlap.
+    """
+    probs = row.pop("probs")
+    row["features"], row["count"], row["seam"], row["oversize"] = "", 0, pack_nuclei([]), 0
+    if row["error"]:
+        return row
+    plan = plans[row["slide"]]
+    grid = plan.grid
+    try:
+        nuclei, row["oversize"] = tile_nuclei(
+            dequantize(probs),
+            grid.tile_at(row["col"], row["row"]),
+            grid,
+            card=card,
+            downsample=plan.downsample,
+            level0_mpp=plan.level0_mpp,
+            simplify=simplify,
+        )
+    except Exception as exc:
+        row["error"] = error_line(exc)
+        return row
+    on_seam = [keep_all or bool(seam_neighbours(grid, n, seam_margin)) for n in nuclei]
+    final = [n for n, seam in zip(nuclei, on_seam, strict=True) if not seam]
+    row["features"] = ",\n".join(nucleus_json(n) for n in final)
+    row["count"] = len(final)
+    row["seam"] = pack_nuclei([n for n, seam in zip(nuclei, on_seam, strict=True) if seam])
+    return row
+
+
+class SlideOutputs:
+    """One slide's outputs, fed tile by tile on the driver.
+
+    :meth:`finish` closes the GeoJSON; with ``--labels`` it starts one Ray task per label shard
+    and :meth:`complete` (once :attr:`pending` are done) renames the label image into place.
+    The slide's ``<stem>.json`` is written last of all.
+    """
+
+    def __init__(self, plan: SlidePlan, out_dir: str, card: ModelCard, config: SegmentConfig):
+        self.plan, self.card, self.config = plan, card, config
+        self.geojson, self.summary = output_paths(out_dir, plan.stem, config)
+        self.resolver = SeamResolver(plan.grid, margin=config.seam_margin)
+        self.writer = FeatureWriter(self.geojson).open()
+        self.buckets: ShardBuckets | None = None
+        self.label_store = ""
+        if config.labels:
+            self.label_store = str(Path(out_dir) / f"{plan.stem}.labels.zarr")
+            self.label_tmp = storage.temporary_path(self.label_store)
+            shard = plan.tile * LABEL_SHARD_TILES
+            create_label_store(
+                self.label_tmp,
+                plan.width,
+                plan.height,
+                mpp=card.mpp,
+                chunk=plan.tile,
+                shard=shard,
+                source=plan.slide,
+            )
+            self.buckets = ShardBuckets(self.label_tmp, plan.width, plan.height, shard)
+        self.pending: list[Any] = []
+        self.received = 0
+        self.oversize = 0
+        self.errors: list[str] = []
+        self.start = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.received >= len(self.plan.tiles)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.received += 1
+        if row["error"]:
+            self.errors.append(row["error"])
+        self.oversize += row["oversize"]
+        self.writer.write_raw(row["features"], row["count"])
+        self._write(self.resolver.add((row["col"], row["row"]), unpack_nuclei(row["seam"])))
+
+    def _write(self, nuclei: list[Any]) -> None:
+        for nucleus in nuclei:
+            self.writer.write_raw(nucleus_json(nucleus), 1)
+            if self.buckets is not None:
+                self.buckets.add(nucleus.label, nucleus.polygon, self.plan.downsample)
+
+    def finish(self) -> SegmentResult | None:
+        """Close the GeoJSON; the result, or ``None`` while label shards are still written."""
+        if self.errors:
+            self.writer.abort()
+            self._remove_labels()
+            return SegmentResult(self.plan.slide, FAILED, self.errors[0], tiles=self.received)
+        self._write(self.resolver.finish())
+        self.writer.close()
+        if self.buckets is not None:
+            self.pending = self._start_label_shards()
+            if self.pending:
+                return None
+        return self.complete()
+
+    def _start_label_shards(self) -> list[Any]:
+        import ray
+
+        assert self.buckets is not None
+        task = ray.remote(num_cpus=POSTPROCESS_CPUS)(write_label_shard)
+        shard = self.buckets.shards.shard
+        return [task.remote(item, self.label_tmp, shard) for item in self.buckets.items()]
+
+    def _remove_labels(self) -> None:
+        if self.label_store:
+            shutil.rmtree(self.label_tmp, ignore_errors=True)
+
+    def complete(self) -> SegmentResult:
+        """Put the label image in place and write ``<stem>.json``: the slide is complete."""
+        if self.buckets is not None:
+            self.buckets.remove()
+            shutil.rmtree(self.label_store, ignore_errors=True)
+            os.replace(self.label_tmp, self.label_store)
+        seconds = time.perf_counter() - self.start
+        result = SegmentResult(
+            self.plan.slide,
+            COMPLETE,
+            nuclei=self.writer.count,
+            tiles=self.received,
+            tissue_mm2=round(self.plan.tissue_mm2, 4),
+            seconds=round(seconds, 3),
+            oversize=self.oversize,
+            geojson=self.geojson,
+            labels=self.label_store,
+        )
+        if self.oversize:
+            logger.warning(
+                "%s: %d instances were wider than the overlap (%d px) and were dropped; "
+                "segment again with a larger --overlap",
+                self.plan.slide,
+                self.oversize,
+                self.plan.overlap,
+            )
+        summary = {
+            **asdict(result),
+            "density_per_mm2": round(result.nuclei / result.tissue_mm2, 2)
+            if result.tissue_mm2
+            else None,
+            "duplicates_dropped": self.resolver.dropped,
+            "oversize_dropped": self.oversize,
+            "plan": asdict(self.plan.without_tiles()),
+            "model": self.card.model_dump(mode="json"),
+            "config": self.config.model_dump(mode="json"),
+            "version": __version__,
+        }
+        storage.write_bytes_atomic(self.summary, json.dumps(summary, indent=2).encode())
+        logger.info("%s: %d nuclei in %.1f s", self.plan.slide, result.nuclei, seconds)
+        return result
+
+
+def is_complete(out_dir: str, stem: str, config: SegmentConfig) -> bool:
+    geojson, summary = output_paths(out_dir, stem, config)
+    return Path(summary).exists() and Path(geojson).exists()
+
+
+def segment_slides(
+    slides: list[str],
+    out_dir: str,
+    config: SegmentConfig,
+    *,
+    predictor: type = Predictor,
+) -> list[SegmentResult]:
+    """Segment every slide into ``out_dir``; one result per slide, in input order.
+
+    Args:
+        slides: slide paths/URLs or tiling stores (``*.ome.zarr``).
+        out_dir: local output directory; ``segment-config.yaml`` there records what ran.
+        config: the job's configuration (no ``checkpoint``: the shipped default model).
+        predictor: the callable class that turns tile batches into probabilities.
+    """
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    config = config.model_copy(update={"checkpoint": str(checkpoint.resolve())})
+    card = read_card(checkpoint)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_config(config, storage.join(out_dir, "segment-config.yaml"))
+    storage.remove_stale_temporaries(out_dir)  # from a driver that was killed
+    results: dict[str, SegmentResult] = {}
+    writers: dict[str, SlideOutputs] = {}
+    rows: list[dict[str, Any]] = []
+    for slide in slides:
+        stem = slide_stem(slide)
+        if is_complete(out_dir, stem, config) and not config.overwrite:
+            results[slide] = SegmentResult(slide, SKIPPED, "already complete")
+            continue
+        try:
+            plan = plan_slide(slide, card, config)
+        except Exception as exc:  # any broken slide is a failed row, never a crash
+            results[slide] = SegmentResult(slide, FAILED, error_line(exc))
+            logger.warning("%s: failed: %s", slide, results[slide].reason)
+            continue
+        writers[slide] = SlideOutputs(plan, out_dir, card, config)
+        rows += [{"slide": slide, "col": c, "row": r, "error": ""} for c, r in plan.tiles]
+    labelling: dict[str, SlideOutputs] = {}
+
+    def finish(slide: str) -> None:
+        outputs = writers.pop(slide)
+        result = outputs.finish()
+        if result is None:
+            labelling[slide] = outputs
+        else:
+            results[slide] = result
+
+    for slide in [s for s, w in writers.items() if not w.plan.tiles]:
+        finish(slide)
+    if rows:
+        plans = {slide: w.plan.without_tiles() for slide, w in writers.items()}
+        # A bar in a terminal; nothing in logs and pipes (disable=None).
+        progress = tqdm(total=len(rows), unit="tile", desc="segment", disable=None)
+        for row in _graph(rows, plans, card, config, predictor).iter_rows():
+            progress.update()
+            writer = writers[row["slide"]]
+            writer.add(row)
+            if writer.done:
+                finish(row["slide"])
+            _complete_labelled(labelling, results, wait=False)
+        progress.close()
+    for slide, writer in list(writers.items()):  # tiles that never came back
+        writer.errors.append("not all tiles were processed")
+        finish(slide)
+    _complete_labelled(labelling, results, wait=True)
+    return [results[s] for s in slides]
+
+
+def _complete_labelled(
+    labelling: dict[str, SlideOutputs], results: dict[str, SegmentResult], *, wait: bool
+) -> None:
+    """Complete the slides whose label shards are all written (all of them with ``wait``)."""
+    import ray
+
+    for slide, outputs in list(labelling.items()):
+        ready, _ = ray.wait(
+            outputs.pending, num_returns=len(outputs.pending), timeout=None if wait else 0
+        )
+        if len(ready) < len(outputs.pending):
+            continue
+        del labelling[slide]
+        try:
+            ray.get(outputs.pending)
+            results[slide] = outputs.complete()
+        except Exception as exc:  # a shard that failed fails its slide, not the batch
+            outputs._remove_labels()
+            results[slide] = SegmentResult(slide, FAILED, error_line(exc), tiles=outputs.received)
+
+
+def _graph(
+    rows: list[dict[str, Any]],
+    plans: dict[str, SlidePlan],
+    card: ModelCard,
+    config: SegmentConfig,
+    predictor: type,
+) -> Any:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
+    size = config.predictors or (max(int(gpus), 1) if use_gpu else 1)
+    predictor_kwargs = {"checkpoint": config.checkpoint, "device": config.device, "tta": config.tta}
+    return (
+        ray.data.from_items(rows, override_num_blocks=min(len(rows), 4096))
+        # Reads are light (decode + resize). Their resources differ from the predictor's, so Ray
+        # Data keeps them in parallel tasks instead of fusing them into the predictor actors.
+        .map(
+            read_tile,
+            fn_kwargs={"plans": plans, "mpp": card.mpp, "mpp_override": config.mpp_override},
+            num_cpus=READ_CPUS,
+        )
+        .map_batches(
+            predictor,
+            fn_constructor_kwargs=predictor_kwargs,
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_gpus=1 if use_gpu else 0,
+            num_cpus=config.cpus_per_predictor,
+        )
+        .map(
+            postprocess_tile,
+            fn_kwargs={
+                "plans": plans,
+                "card": card,
+                "simplify": config.simplify,
+                "seam_margin": config.seam_margin,
+                "keep_all": config.labels,  # the label image needs every polygon on the driver
+            },
+            num_cpus=POSTPROCESS_CPUS,
+        )
+    )

@@ -1,0 +1,97 @@
+"""One tile's probabilities → the nuclei it owns, as level-0 polygons with QuPath measurements.
+
+Runs in the segment job's CPU post-process tasks. Nuclei near a seam travel to the driver
+exactly (shapely pickles polygons as WKB): no rounding, no repair.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from typing import Any
+
+import numpy as np
+
+from wsi_pipeline.checkpoint import ModelCard
+from wsi_pipeline.segment.geojson import nucleus_feature
+from wsi_pipeline.segment.instances import instances_from_probabilities, mean_class_probability
+from wsi_pipeline.segment.polygons import label_polygons
+from wsi_pipeline.segment.stitching import Nucleus, owned_instances
+from wsi_pipeline.slides.tiling import Tile, TileGrid
+
+# Labels are unique across a slide without coordination: tile index * LABELS_PER_TILE + k.
+# uint32 then holds 262,144 tiles of up to 16,383 nuclei each.
+LABELS_PER_TILE = 2**14
+
+
+def shape_measurements(polygon: Any, mpp: float) -> dict[str, float]:
+    """QuPath measurements of a level-0 polygon: area µm², perimeter µm, circularity, solidity."""
+    area, perimeter = polygon.area * mpp**2, polygon.length * mpp
+    hull = polygon.convex_hull.area
+    return {
+        "Area µm^2": round(area, 3),
+        "Perimeter µm": round(perimeter, 3),
+        "Circularity": round(min(1.0, 4 * math.pi * area / perimeter**2), 4) if perimeter else 0.0,
+        "Solidity": round(polygon.area / hull, 4) if hull else 0.0,
+    }
+
+
+def tile_nuclei(
+    probs: np.ndarray,
+    tile: Tile,
+    grid: TileGrid,
+    *,
+    card: ModelCard,
+    downsample: float,
+    level0_mpp: float,
+    simplify: float = 0.0,
+) -> tuple[list[Nucleus], int]:
+    """The nuclei a tile owns, from its ``(K, T, T)`` probabilities, with level-0 polygons, and
+    the number of instances lost for being wider than the overlap (see
+    :func:`~wsi_pipeline.segment.stitching.owned_instances`).
+
+    Args:
+        probs: float probabilities of the tile.
+        tile: the tile in ``grid`` (grid px at the model's mpp).
+        card: the model card (target mode and post-processing parameters).
+        downsample: level-0 px per grid px.
+        level0_mpp: µm per level-0 px, for the measurements.
+        simplify: polygon simplification tolerance in grid px (0: none).
+    """
+    post = card.postprocess.model_dump()
+    labels = instances_from_probabilities(probs, card.target_mode, **post)
+    keep, oversize = owned_instances(labels, tile, grid)
+    if not keep:
+        return [], oversize
+    mean_prob = mean_class_probability(labels, probs)
+    labels = np.where(np.isin(labels, keep), labels, 0)
+    offset = (tile.box.x0 * downsample, tile.box.y0 * downsample)
+    first_label = (tile.row * grid.cols + tile.col) * LABELS_PER_TILE
+    polygons = label_polygons(labels, offset=offset, scale=downsample, simplify=simplify)
+    nuclei = []
+    for k, (label, polygon) in enumerate(polygons, start=1):
+        c = polygon.centroid
+        measurements = shape_measurements(polygon, level0_mpp)
+        measurements["Nucleus probability"] = round(float(mean_prob[label - 1]), 4)
+        centroid = (c.x / downsample, c.y / downsample)
+        tile_index = (tile.col, tile.row)
+        nuclei.append(Nucleus(polygon, centroid, tile_index, measurements, first_label + k))
+    return nuclei, oversize
+
+
+def nucleus_json(nucleus: Nucleus) -> str:
+    """One nucleus as a QuPath GeoJSON feature (with a fresh UUID and its label), serialised."""
+    feature = nucleus_feature(nucleus.polygon, nucleus.properties)
+    feature["properties"]["label"] = nucleus.label
+    return json.dumps(feature, separators=(",", ":"))
+
+
+def pack_nuclei(nuclei: list[Nucleus]) -> bytes:
+    """A tile's seam nuclei as one exact binary value for a Ray Data row (read by
+    :func:`unpack_nuclei` on the driver; both ends are this package's own code)."""
+    return pickle.dumps(nuclei, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_nuclei(data: bytes) -> list[Nucleus]:
+    return list(pickle.loads(data))  # noqa: S301 (written by pack_nuclei in our own tasks)

@@ -1,0 +1,98 @@
+"""Instance labels → nucleus polygons in level-0 pixels, QuPath's convention.
+
+Convention: the origin is the top-left corner of the top-left pixel, so pixel ``i`` spans
+``[i, i + 1)`` and its centre is ``i + 0.5``. Outlines are the 0.5 iso-contour of each object's
+mask (sub-pixel, through the midpoints between inside and outside pixel centres); rasterising a
+polygon back at pixel centres reproduces its mask. Every polygon returned is valid and a single
+``Polygon``: invalid outlines are repaired with ``make_valid`` and the largest part is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import shapely
+from scipy import ndimage as ndi
+from shapely.geometry import Polygon
+from skimage import measure
+
+
+def largest_polygon(geometry: shapely.Geometry) -> Polygon | None:
+    """The largest polygon of ``geometry`` after ``make_valid``, or ``None`` if it has no area."""
+    if not geometry.is_valid:
+        geometry = shapely.make_valid(geometry)
+    parts = [g for g in getattr(geometry, "geoms", [geometry]) if isinstance(g, Polygon)]
+    nested = [p for g in getattr(geometry, "geoms", []) if hasattr(g, "geoms") for p in g.geoms]
+    parts += [p for p in nested if isinstance(p, Polygon)]
+    parts = [p for p in parts if not p.is_empty and p.area > 0]
+    return max(parts, key=lambda p: p.area) if parts else None
+
+
+def mask_polygon(mask: np.ndarray, *, simplify: float = 0.0) -> Polygon | None:
+    """Outline of the largest object of a boolean mask, in the mask's pixel-corner frame."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    contours = measure.find_contours(padded, 0.5)
+    if not contours:
+        return None
+    contour = max(contours, key=len)
+    if len(contour) < 4:
+        return None
+    # find_contours gives (row, col) at pixel centres of the padded array: shift by -1 (pad) and
+    # +0.5 (centre → corner frame).
+    xy = contour[:, ::-1] - 0.5
+    polygon = largest_polygon(Polygon(xy))
+    if polygon is not None and simplify > 0:
+        polygon = largest_polygon(polygon.simplify(simplify, preserve_topology=True))
+    return polygon
+
+
+def label_polygons(
+    labels: np.ndarray,
+    *,
+    offset: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
+    simplify: float = 0.0,
+) -> Iterator[tuple[int, Polygon]]:
+    """``(label, polygon)`` for each object of an instance label image.
+
+    Args:
+        labels: integer instance labels, 0 = background.
+        offset: level-0 position of the label image's top-left corner.
+        scale: level-0 pixels per label pixel.
+        simplify: Douglas-Peucker tolerance in label pixels (0: none).
+    """
+    for index, window in enumerate(ndi.find_objects(labels), start=1):
+        if window is None:
+            continue
+        polygon = mask_polygon(labels[window] == index, simplify=simplify)
+        if polygon is None:
+            continue
+        dy, dx = window[0].start, window[1].start
+        coords = (np.asarray(polygon.exterior.coords) + (dx, dy)) * scale + offset
+        yield index, Polygon(coords)
+
+
+def rasterize(
+    polygon: Polygon, shape: tuple[int, int], origin: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
+    """Boolean mask of the pixels whose centres fall inside ``polygon`` (pixel-corner frame).
+
+    The one rasterisation of the project (training labels and the output label image alike).
+
+    Args:
+        polygon: in the same px as the mask.
+        shape: ``(height, width)`` of the mask.
+        origin: ``(x, y)`` of the mask's top-left corner in the polygon's frame.
+    """
+    mask = np.zeros(shape, dtype=bool)
+    x0, y0, x1, y1 = polygon.bounds
+    ox, oy = origin
+    # Only pixels whose centre can be inside: centres at i + 0.5 within the bounds.
+    c0, c1 = max(int(np.floor(x0 - ox)), 0), min(int(np.ceil(x1 - ox)), shape[1])
+    r0, r1 = max(int(np.floor(y0 - oy)), 0), min(int(np.ceil(y1 - oy)), shape[0])
+    if c0 >= c1 or r0 >= r1:
+        return mask
+    ys, xs = np.mgrid[r0:r1, c0:c1]
+    mask[r0:r1, c0:c1] = shapely.contains_xy(polygon, xs + 0.5 + ox, ys + 0.5 + oy)
+    return mask

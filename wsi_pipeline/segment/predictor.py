@@ -1,0 +1,57 @@
+"""The predictor: a Ray Data callable class that turns batches of RGB tiles into probabilities.
+
+It loads a checkpoint once per actor and runs on the GPU when there is one (bf16 autocast,
+``channels_last``) and on the CPU otherwise, with the same code (:mod:`wsi_pipeline.forward`).
+Probabilities travel as uint8 (1/255 steps) to keep the object store small.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from wsi_pipeline.checkpoint import load_checkpoint
+from wsi_pipeline.forward import choose_device, forward, probabilities
+
+
+class Predictor:
+    """Batches of tiles → class probabilities. Use with ``map_batches`` and an actor pool.
+
+    Args:
+        checkpoint: checkpoint directory or shipped model name (see :mod:`wsi_pipeline.checkpoint`).
+        device: ``"auto"`` (CUDA if available), ``"cuda"`` or ``"cpu"``.
+        tta: average over horizontal and vertical flips (3x the compute).
+    """
+
+    def __init__(self, checkpoint: str, *, device: str = "auto", tta: bool = False) -> None:
+        self.device = choose_device(device)
+        model, self.card = load_checkpoint(checkpoint, device=self.device)
+        self.model = model.to(memory_format=torch.channels_last)
+        self.tta = tta
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch.pop("image")
+        batch["probs"] = quantize(self.predict(images))
+        return batch
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """``(B, H, W, 3)`` uint8 → ``(B, K, H, W)`` float32 probabilities."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        probs = self._probabilities(x)
+        if self.tta:  # x is (B, H, W, 3); probabilities are (B, K, H, W)
+            probs = probs + self._probabilities(x.flip(2)).flip(-1)
+            probs = (probs + self._probabilities(x.flip(1)).flip(-2)) / 3
+        return probs.cpu().numpy()
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = self.device.type == "cuda"
+        return probabilities(forward(self.model, x, self.card.normalization, autocast=autocast))
+
+
+def quantize(probs: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(probs * 255), 0, 255).astype(np.uint8)
+
+
+def dequantize(probs: np.ndarray) -> np.ndarray:
+    return probs.astype(np.float32) / 255
