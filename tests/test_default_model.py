@@ -23,6 +23,31 @@ def test_default_model_ships_with_a_full_card(capsys) -> None:
     assert f"{DEFAULT_MODEL} (default)" in capsys.readouterr().out
 
 
+def test_demo_runs_its_steps_as_calls_and_stops_at_a_failed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The demo parses the command line once and checks the outcome of each step."""
+    from wsi_pipeline.batch import FAILED
+    from wsi_pipeline.cli import main as cli
+    from wsi_pipeline.segment import job
+    from wsi_pipeline.segment.job import SegmentResult
+
+    parsed = []
+    build_parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: parsed.append(1) or build_parser())
+    monkeypatch.setattr(cli, "init_ray", lambda: None)
+    monkeypatch.setattr(
+        job,
+        "segment_slides",
+        lambda slides, out, config: [SegmentResult(slides[0], FAILED, "boom")],
+    )
+    assert main(["demo", "--out", str(tmp_path), "--size", "512x512"]) == 1
+    assert len(parsed) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: segmenting the demo slide failed: boom"]
+    assert not (tmp_path / "demo-slide-overlay.png").exists()  # later steps did not run
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--out", str(tmp_path), "--size", "2048x2048"]) == 0

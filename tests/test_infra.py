@@ -256,3 +256,22 @@ def test_rayjob_entrypoints_parse_with_the_cli(manifest: str) -> None:
     command = {"segment_slides.py": "segment", "train.py": "train"}[script.name]
     args = build_parser().parse_args([command, *words[2:]])  # exits on an unknown flag
     assert (REPO / args.config.removeprefix("/app/")).exists()
+
+
+def test_network_policy_lets_only_submitters_reach_the_head() -> None:
+    policy = yaml.safe_load((KUBERAY / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    own, submitters = policy["spec"]["ingress"]
+    # The cluster's own pods: those every manifest labels as wsi-pipeline.
+    label = own["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+    for name, spec in cluster_specs():
+        groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+        for group in groups:
+            labels = group["template"].get("metadata", {}).get("labels", {})
+            assert labels.get("app.kubernetes.io/name") == label, name
+    # Anyone else only on the Jobs API port, and only as a submitter of our RayJobs.
+    assert submitters["ports"] == [{"protocol": "TCP", "port": 8265}]
+    jobs = {m["metadata"]["name"] for m in manifests().values() if m["kind"] == "RayJob"}
+    selector = submitters["from"][0]["podSelector"]["matchExpressions"][0]
+    assert set(selector["values"]) == jobs

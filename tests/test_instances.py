@@ -1,15 +1,12 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import shared_path
 
 from wsi_pipeline.metrics import score_image
 from wsi_pipeline.segment.instances import instances_from_probabilities, mean_class_probability
 from wsi_pipeline.train.targets import make_target, num_classes, one_hot
-
-SHARED_DATA = Path(__file__).parents[1] / "../shared/data"
 
 
 def touching_disks(shape: tuple[int, int] = (64, 64)) -> np.ndarray:
@@ -105,11 +102,10 @@ def test_bad_inputs_raise() -> None:
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
 def test_oracle_round_trip_on_monuseg() -> None:
     from PIL import Image
 
-    masks = sorted((SHARED_DATA / "monuseg_train" / "masks").glob("*.png"))[:3]
+    masks = sorted(shared_path("monuseg_train", "masks").glob("*.png"))[:3]
     assert masks
     for path in masks:
         labels = np.asarray(Image.open(path))

@@ -193,6 +193,9 @@ def test_geojson_is_qupath_ready(tmp_path: Path, slide_path: Path, checkpoint: P
         assert m["Area µm^2"] == pytest.approx(geometry.area * 0.25**2, rel=1e-3)
         assert 0 < m["Circularity"] <= 1 and 0 < m["Solidity"] <= 1
         assert 0.5 < m["Nucleus probability"] <= 1
+        # QuPath's precision, on every nucleus, seam nuclei included.
+        xy = np.asarray(feature["geometry"]["coordinates"][0])
+        assert np.array_equal(xy, np.round(xy, 2))
     assert len(ids) == len(data["features"])
 
 

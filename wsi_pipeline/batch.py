@@ -43,16 +43,25 @@ def error_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def results_csv(results: list[Any], *, exclude: tuple[str, ...] = ()) -> str:
-    """A batch summary: one CSV row per result dataclass, its fields as columns."""
+def results_csv(results: list[Any], *, exclude: tuple[str, ...] = (), previous: str = "") -> str:
+    """A batch summary: one CSV row per result dataclass, its fields as columns.
+
+    Rows of ``previous`` (an earlier summary's text) for slides not in ``results`` are kept, so
+    the summary of an output folder accumulates over runs.
+    """
     rows = [{k: v for k, v in dataclasses.asdict(r).items() if k not in exclude} for r in results]
+    names = {row["slide"] for row in rows}
+    kept = [row for row in csv.DictReader(io.StringIO(previous)) if row.get("slide") not in names]
+    columns = list(dict.fromkeys(k for row in [*kept, *rows] for k in row))
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else [])
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows([*kept, *rows])
     return text.getvalue()
 
 
 def write_results_csv(results: list[Any], path: str, *, exclude: tuple[str, ...] = ()) -> None:
-    """Write :func:`results_csv` atomically to a local path or URL."""
-    storage.write_bytes_atomic(path, results_csv(results, exclude=exclude).encode())
+    """Write :func:`results_csv` atomically to a local path or URL, keeping earlier rows."""
+    previous = storage.read_bytes(path).decode() if storage.exists(path) else ""
+    text = results_csv(results, exclude=exclude, previous=previous)
+    storage.write_bytes_atomic(path, text.encode())

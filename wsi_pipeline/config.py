@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+# Tiles larger than this would need GBs per predictor batch (probabilities are float32 x K).
+MAX_TILE = 4096
 
 
 class ConfigError(ValueError):
@@ -56,12 +58,14 @@ class TileConfig(StrictModel):
 
 def _format_error(error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    key = ".".join(str(part) for part in first["loc"]) or "config"
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     value = first.get("input")
-    shown = "" if first["type"] in {"extra_forbidden", "missing"} else f" (got {value!r})"
+    whole = not first["loc"]  # a check across fields: its input is the whole config
+    shown = "" if whole or first["type"] in {"extra_forbidden", "missing"} else f" (got {value!r})"
+    message = message.removeprefix("Value error, ")
     more = len(error.errors()) - 1
     return f"config error: {key}: {message}{shown}" + (f"; and {more} more" if more else "")
 
@@ -107,6 +111,13 @@ def merge_overrides(*layers: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem}, line {mark.line + 1} column {mark.column + 1}" if mark else problem
+
+
 def load_config(
     model: type[ModelT], path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> ModelT:
@@ -122,7 +133,9 @@ def load_config(
         except FileNotFoundError:
             raise ConfigError(f"config error: {path}: no such file") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config error: {path}: not valid YAML ({exc})") from None
+            raise ConfigError(
+                f"config error: {path}: not valid YAML ({_yaml_reason(exc)})"
+            ) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config error: {path}: expected a mapping at the top level")
         data = loaded or {}
@@ -159,7 +172,7 @@ class SegmentConfig(StrictModel):
     checkpoint: str | None = Field(
         None, description="checkpoint directory or shipped model name (default: nuclei-unet16)"
     )
-    tile: int = Field(512, ge=64, description="tile size in px at the model's mpp")
+    tile: int = Field(512, ge=64, le=MAX_TILE, description="tile size in px at the model's mpp")
     overlap: int = Field(
         64, ge=0, description="px at the model's mpp; at least the largest nucleus diameter"
     )
@@ -178,3 +191,9 @@ class SegmentConfig(StrictModel):
     gzip: bool = Field(True, description="write <slide>.geojson.gz rather than .geojson")
     labels: bool = Field(False, description="also write <slide>.labels.zarr (uint32 instances)")
     overwrite: bool = Field(False, description="redo slides that are already complete")
+
+    @model_validator(mode="after")
+    def _overlap_inside_tile(self) -> SegmentConfig:
+        if self.overlap >= self.tile:
+            raise ValueError(f"overlap {self.overlap} must be smaller than tile {self.tile}")
+        return self

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from wsi_pipeline.batch import Status
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
+logger = logging.getLogger(__name__)
 
 
 class CliError(Exception):
@@ -26,7 +28,10 @@ def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        context = ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        where = os.environ.get("RAY_ADDRESS") or "a new local Ray"
+        logger.info("Ray: %s (%s; %d CPUs)", where, context.address_info["gcs_address"], cpus)
 
 
 def config_from_args(model: type, args: argparse.Namespace) -> Any:
@@ -37,8 +42,14 @@ def config_from_args(model: type, args: argparse.Namespace) -> Any:
     return load_config(model, args.config, merge_overrides(flags, parse_assignments(args.set)))
 
 
+# Less free space than this in --out is refused before any work.
+MIN_FREE_BYTES = 64 * 2**20
+
+
 def check_output(out: str) -> None:
     """Refuse an ``--out`` the jobs cannot write to, before any work."""
+    import shutil
+
     from wsi_pipeline import storage
 
     if storage.is_url(out):
@@ -46,6 +57,14 @@ def check_output(out: str) -> None:
             f"--out {out}: URL outputs are not supported (stores and results are renamed into "
             "place atomically, which object stores cannot do); write to a local or mounted path"
         )
+    try:
+        storage.write_bytes_atomic(storage.join(out, ".write-test"), b"")
+        os.unlink(storage.join(out, ".write-test"))
+    except OSError as exc:
+        raise CliError(f"--out {out}: not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise CliError(f"--out {out}: only {free // 2**20} MiB free; make room or choose another")
 
 
 def run_batch(
@@ -53,14 +72,21 @@ def run_batch(
     model: type,
     run: Callable[..., list[Any]],
     describe: Callable[[Any], str],
+    prepare: Callable[[Any], Any] | None = None,
 ) -> int:
-    """Config, inputs, Ray, the job (which saves its resolved config), summary, report."""
+    """Config, inputs, Ray, the job (which saves its resolved config), summary, report.
+
+    Everything that can be checked before Ray starts is: the config, ``--out``, the inputs and,
+    with ``prepare``, what the job itself can check without a cluster (e.g. the checkpoint).
+    """
     from wsi_pipeline import storage
     from wsi_pipeline.batch import write_results_csv
     from wsi_pipeline.slides.inputs import expand_inputs
 
     check_output(args.out)
     config = config_from_args(model, args)
+    if prepare is not None:
+        config = prepare(config)
     slides = expand_inputs(args.inputs)
     init_ray()
     start = time.perf_counter()

@@ -53,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             failed += 1
             continue
         print(json.dumps(info) if args.json else _format_info(info))
-    return EXIT_FAILED if failed else 0
+    return EXIT_USAGE if failed else 0
 
 
 def _format_info(info: dict[str, Any]) -> str:
@@ -92,12 +92,12 @@ def cmd_tile(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from wsi_pipeline.segment.job import segment_slides
+    from wsi_pipeline.segment.job import prepare_config, segment_slides
 
     def describe(r: Any) -> str:
         return f"{r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s -> {r.geojson}"
 
-    return run_batch(args, SegmentConfig, segment_slides, describe)
+    return run_batch(args, SegmentConfig, segment_slides, describe, prepare=prepare_config)
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
@@ -111,6 +111,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
             raise CliError(
                 f"--region: expected x,y,w,h in level-0 px, got {args.region!r}"
             ) from None
+        if w <= 0 or h <= 0:
+            raise CliError(f"--region: width and height must be positive, got {w}x{h}")
         region = Box(x, y, x + w, y + h)
     count = render_preview(
         args.slide,
@@ -369,9 +371,12 @@ def _configure_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsi-pipeline`` console script."""
+    from wsi_pipeline.batch import error_line
     from wsi_pipeline.config import ConfigError
+    from wsi_pipeline.segment.geojson import GeoJSONError
     from wsi_pipeline.slides.inputs import InputError
     from wsi_pipeline.slides.slide import SlideError
+    from wsi_pipeline.train.ingest import DataError
 
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
@@ -379,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (ConfigError, InputError, SlideError, CliError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, DataError, GeoJSONError, InputError, SlideError, CliError, OSError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

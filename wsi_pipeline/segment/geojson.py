@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import IO, Any
 
-import geojson
-from shapely.geometry import Polygon, mapping
+import numpy as np
+from shapely.geometry import Polygon
 
 from wsi_pipeline import storage
 
 NUCLEUS_CLASS = {"name": "Nucleus", "color": [224, 64, 64]}
+# QuPath stores coordinates to 0.01 px; more digits only make files larger.
+DECIMALS = 2
 
 
 def nucleus_feature(
@@ -35,9 +37,16 @@ def nucleus_feature(
     return {
         "type": "Feature",
         "id": str(uuid.uuid4()),
-        "geometry": mapping(polygon),
+        "geometry": polygon_geometry(polygon),
         "properties": properties,
     }
+
+
+def polygon_geometry(polygon: Polygon, decimals: int = DECIMALS) -> dict[str, Any]:
+    """A GeoJSON Polygon with coordinates at QuPath's own precision (0.01 px)."""
+    rings = [polygon.exterior, *polygon.interiors]
+    coordinates = [np.round(np.asarray(ring.coords), decimals).tolist() for ring in rings]
+    return {"type": "Polygon", "coordinates": coordinates}
 
 
 class FeatureWriter:
@@ -107,10 +116,24 @@ class FeatureWriter:
             self.abort()
 
 
+class GeoJSONError(ValueError):
+    """A file that is not GeoJSON features; the message is one line naming it."""
+
+
 def read_features(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Features of a GeoJSON file (plain or gzipped; FeatureCollection or a bare list)."""
+    """Features of a GeoJSON file (plain or gzipped; FeatureCollection or a bare list).
+
+    Raises:
+        FileNotFoundError: no such file.
+        GeoJSONError: not JSON, or JSON that holds no list of features.
+    """
     opener = gzip.open if os.fspath(path).endswith(".gz") else open
-    with opener(path, "rt") as f:
-        data = geojson.load(f)
-    features = data["features"] if isinstance(data, dict) else data
+    try:
+        with opener(path, "rt") as f:
+            data = json.load(f)
+    except (ValueError, EOFError, gzip.BadGzipFile) as exc:  # JSONDecodeError is a ValueError
+        raise GeoJSONError(f"{path}: not valid GeoJSON ({str(exc).splitlines()[0]})") from None
+    features = data.get("features") if isinstance(data, dict) else data
+    if not isinstance(features, list):
+        raise GeoJSONError(f"{path}: no list of features (a FeatureCollection or a JSON list)")
     yield from features

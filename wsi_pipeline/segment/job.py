@@ -32,20 +32,22 @@ from typing import Any, Literal
 
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from wsi_pipeline import __version__, storage
-from wsi_pipeline.batch import COMPLETE, FAILED, SKIPPED, SlideResult, error_line
-from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint
-from wsi_pipeline.config import SegmentConfig, save_config
+from wsi_pipeline.batch import COMPLETE, FAILED, SKIPPED, SlideResult, Status, error_line
+from wsi_pipeline.checkpoint import ModelCard, load_checkpoint, read_card, resolve_checkpoint
+from wsi_pipeline.config import ConfigError, SegmentConfig, save_config
+from wsi_pipeline.progress import Progress
 from wsi_pipeline.segment.geojson import FeatureWriter
 from wsi_pipeline.segment.label_store import ShardBuckets, create_label_store, write_label_shard
 from wsi_pipeline.segment.nuclei import nucleus_json, pack_nuclei, tile_nuclei, unpack_nuclei
 from wsi_pipeline.segment.predictor import Predictor, dequantize
 from wsi_pipeline.segment.stitching import SeamResolver, seam_neighbours
+from wsi_pipeline.slides.image_store import COMPLETE as STORE_COMPLETE
+from wsi_pipeline.slides.image_store import is_complete as is_store_complete
 from wsi_pipeline.slides.image_store import read_layout
 from wsi_pipeline.slides.image_store import read_region as read_store_region
-from wsi_pipeline.slides.inputs import slide_stem
+from wsi_pipeline.slides.inputs import fingerprint_mismatch, slide_stem, source_fingerprint
 from wsi_pipeline.slides.slide import SlideError, open_slide
 from wsi_pipeline.slides.tiling import TileGrid, grid_size
 from wsi_pipeline.slides.tissue import TissueMask, detect_tissue
@@ -101,6 +103,7 @@ class SegmentResult(SlideResult):
     oversize: int = 0
     geojson: str = ""
     labels: str = ""
+    source: str = ""  # the slide a tiling store was made from ("" for slides)
 
 
 def output_paths(out_dir: str, stem: str, config: SegmentConfig) -> tuple[str, str]:
@@ -140,6 +143,11 @@ def plan_slide(slide_path: str, card: ModelCard, config: SegmentConfig) -> Slide
 def _plan_store(path: str, card: ModelCard, config: SegmentConfig) -> SlidePlan:
     if not storage.exists(storage.join(path, "zarr.json")):
         raise SlideError(f"{path}: not a tiling store (no zarr.json)")
+    if not is_store_complete(path):
+        raise SlideError(
+            f"{path}: incomplete tiling store (no {STORE_COMPLETE}; its tile run did not finish): "
+            "run wsi-pipeline tile again to complete it"
+        )
     layout = read_layout(path)
     if abs(layout.mpp - card.mpp) > MPP_TOLERANCE * card.mpp:
         raise SlideError(
@@ -294,9 +302,8 @@ class SlideOutputs:
     def finish(self) -> SegmentResult | None:
         """Close the GeoJSON; the result, or ``None`` while label shards are still written."""
         if self.errors:
-            self.writer.abort()
-            self._remove_labels()
-            return SegmentResult(self.plan.slide, FAILED, self.errors[0], tiles=self.received)
+            self.abort()
+            return self.result(FAILED, self.errors[0], tiles=self.received)
         self._write(self.resolver.finish())
         self.writer.close()
         if self.buckets is not None:
@@ -304,6 +311,11 @@ class SlideOutputs:
             if self.pending:
                 return None
         return self.complete()
+
+    def result(self, status: Status, reason: str = "", **figures: Any) -> SegmentResult:
+        plan = self.plan
+        source = plan.slide if plan.source == "store" else ""
+        return SegmentResult(plan.path, status, reason, source=source, **figures)
 
     def _start_label_shards(self) -> list[Any]:
         import ray
@@ -313,7 +325,9 @@ class SlideOutputs:
         shard = self.buckets.shards.shard
         return [task.remote(item, self.label_tmp, shard) for item in self.buckets.items()]
 
-    def _remove_labels(self) -> None:
+    def abort(self) -> None:
+        """Remove what this slide wrote so far; nothing appears under a final name."""
+        self.writer.abort()
         if self.label_store:
             shutil.rmtree(self.label_tmp, ignore_errors=True)
 
@@ -324,8 +338,7 @@ class SlideOutputs:
             shutil.rmtree(self.label_store, ignore_errors=True)
             os.replace(self.label_tmp, self.label_store)
         seconds = time.perf_counter() - self.start
-        result = SegmentResult(
-            self.plan.slide,
+        result = self.result(
             COMPLETE,
             nuclei=self.writer.count,
             tiles=self.received,
@@ -350,6 +363,7 @@ class SlideOutputs:
             else None,
             "duplicates_dropped": self.resolver.dropped,
             "oversize_dropped": self.oversize,
+            "source_fingerprint": source_fingerprint(self.plan.path),
             "plan": asdict(self.plan.without_tiles()),
             "model": self.card.model_dump(mode="json"),
             "config": self.config.model_dump(mode="json"),
@@ -360,9 +374,44 @@ class SlideOutputs:
         return result
 
 
+def previous_result(out_dir: str, slide: str, config: SegmentConfig) -> SegmentResult:
+    """A complete slide's figures, skipped; failed if the outputs are another slide's."""
+    _, summary_path = output_paths(out_dir, slide_stem(slide), config)
+    try:
+        summary = json.loads(Path(summary_path).read_text())
+    except (OSError, ValueError) as exc:
+        return SegmentResult(slide, FAILED, f"{summary_path}: unreadable ({error_line(exc)})")
+    mismatch = fingerprint_mismatch(summary.get("source_fingerprint"), slide)
+    if mismatch:
+        reason = f"{summary_path} {mismatch}; use another --out, or --overwrite to replace it"
+        return SegmentResult(slide, FAILED, reason)
+    figures = {k: summary[k] for k in ("nuclei", "tiles", "tissue_mm2", "seconds", "oversize",
+                                       "geojson", "labels", "source") if k in summary}  # fmt: skip
+    return SegmentResult(slide, SKIPPED, "already complete", **figures)
+
+
 def is_complete(out_dir: str, stem: str, config: SegmentConfig) -> bool:
     geojson, summary = output_paths(out_dir, stem, config)
     return Path(summary).exists() and Path(geojson).exists()
+
+
+def prepare_config(config: SegmentConfig) -> SegmentConfig:
+    """Fail fast, in one line, on what would fail every slide; the config with the checkpoint
+    that will run (path or shipped name resolved).
+
+    Raises:
+        CheckpointError: the checkpoint is missing, corrupt or not a model's.
+        ConfigError: the tile does not fit the model.
+    """
+    checkpoint = resolve_checkpoint(config.checkpoint)
+    model, card = load_checkpoint(checkpoint)
+    divisor = int(getattr(model, "size_divisor", 1))
+    if config.tile % divisor:
+        raise ConfigError(
+            f"config error: tile: {config.tile} is not a multiple of {divisor}, which "
+            f"{card.architecture} needs (try {config.tile // divisor * divisor or divisor})"
+        )
+    return config.model_copy(update={"checkpoint": str(checkpoint.resolve())})
 
 
 def segment_slides(
@@ -380,78 +429,110 @@ def segment_slides(
         config: the job's configuration (no ``checkpoint``: the shipped default model).
         predictor: the callable class that turns tile batches into probabilities.
     """
-    checkpoint = resolve_checkpoint(config.checkpoint)
-    config = config.model_copy(update={"checkpoint": str(checkpoint.resolve())})
-    card = read_card(checkpoint)
+    config = prepare_config(config)
+    card = read_card(config.checkpoint)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, storage.join(out_dir, "segment-config.yaml"))
     storage.remove_stale_temporaries(out_dir)  # from a driver that was killed
-    results: dict[str, SegmentResult] = {}
-    writers: dict[str, SlideOutputs] = {}
-    rows: list[dict[str, Any]] = []
-    for slide in slides:
-        stem = slide_stem(slide)
-        if is_complete(out_dir, stem, config) and not config.overwrite:
-            results[slide] = SegmentResult(slide, SKIPPED, "already complete")
-            continue
-        try:
-            plan = plan_slide(slide, card, config)
-        except Exception as exc:  # any broken slide is a failed row, never a crash
-            results[slide] = SegmentResult(slide, FAILED, error_line(exc))
-            logger.warning("%s: failed: %s", slide, results[slide].reason)
-            continue
-        writers[slide] = SlideOutputs(plan, out_dir, card, config)
-        rows += [{"slide": slide, "col": c, "row": r, "error": ""} for c, r in plan.tiles]
-    labelling: dict[str, SlideOutputs] = {}
+    batch = _Batch(out_dir, card, config)
+    try:
+        rows = batch.plan(slides)
+        if rows:
+            plans = {slide: w.plan.without_tiles() for slide, w in batch.writing.items()}
+            tiles = Progress(len(rows), f"segment {len(batch.writing)} slides", unit="tiles")
+            for row in _graph(rows, plans, card, config, predictor).iter_rows():
+                tiles.update()
+                batch.add(row)
+            tiles.close()
+        batch.finish_all()
+    except BaseException:
+        batch.abort()  # nothing of this run is left under a temporary name
+        raise
+    return [batch.results[s] for s in slides]
 
-    def finish(slide: str) -> None:
-        outputs = writers.pop(slide)
-        result = outputs.finish()
+
+class _Batch:
+    """The driver's side of a segment run: per-slide outputs, fed row by row."""
+
+    def __init__(self, out_dir: str, card: ModelCard, config: SegmentConfig) -> None:
+        self.out_dir, self.card, self.config = out_dir, card, config
+        self.results: dict[str, SegmentResult] = {}
+        self.writing: dict[str, SlideOutputs] = {}
+        self.labelling: dict[str, SlideOutputs] = {}
+
+    def plan(self, slides: list[str]) -> list[dict[str, Any]]:
+        """Plan every slide still to do; the tile rows of the graph."""
+        rows: list[dict[str, Any]] = []
+        for slide in slides:
+            stem = slide_stem(slide)
+            if is_complete(self.out_dir, stem, self.config) and not self.config.overwrite:
+                self.results[slide] = previous_result(self.out_dir, slide, self.config)
+                continue
+            try:
+                plan = plan_slide(slide, self.card, self.config)
+                self.writing[slide] = SlideOutputs(plan, self.out_dir, self.card, self.config)
+            except Exception as exc:  # any broken slide is a failed row, never a crash
+                self._fail(slide, error_line(exc))
+                continue
+            rows += [{"slide": slide, "col": c, "row": r, "error": ""} for c, r in plan.tiles]
+        for slide in [s for s, w in self.writing.items() if not w.plan.tiles]:
+            self.finish(slide)
+        return rows
+
+    def add(self, row: dict[str, Any]) -> None:
+        outputs = self.writing[row["slide"]]
+        try:
+            outputs.add(row)
+        except OSError as exc:  # e.g. a full disk: this slide fails, the batch goes on
+            outputs.errors.append(error_line(exc))
+        if outputs.done:
+            self.finish(row["slide"])
+        self.complete_labelled(wait=False)
+
+    def finish(self, slide: str) -> None:
+        outputs = self.writing.pop(slide)
+        try:
+            result = outputs.finish()
+        except OSError as exc:
+            outputs.abort()
+            result = outputs.result(FAILED, error_line(exc), tiles=outputs.received)
         if result is None:
-            labelling[slide] = outputs
+            self.labelling[slide] = outputs
         else:
-            results[slide] = result
+            self.results[slide] = result
 
-    for slide in [s for s, w in writers.items() if not w.plan.tiles]:
-        finish(slide)
-    if rows:
-        plans = {slide: w.plan.without_tiles() for slide, w in writers.items()}
-        # A bar in a terminal; nothing in logs and pipes (disable=None).
-        progress = tqdm(total=len(rows), unit="tile", desc="segment", disable=None)
-        for row in _graph(rows, plans, card, config, predictor).iter_rows():
-            progress.update()
-            writer = writers[row["slide"]]
-            writer.add(row)
-            if writer.done:
-                finish(row["slide"])
-            _complete_labelled(labelling, results, wait=False)
-        progress.close()
-    for slide, writer in list(writers.items()):  # tiles that never came back
-        writer.errors.append("not all tiles were processed")
-        finish(slide)
-    _complete_labelled(labelling, results, wait=True)
-    return [results[s] for s in slides]
+    def finish_all(self) -> None:
+        for slide, outputs in list(self.writing.items()):  # tiles that never came back
+            outputs.errors.append("not all tiles were processed")
+            self.finish(slide)
+        self.complete_labelled(wait=True)
 
+    def complete_labelled(self, *, wait: bool) -> None:
+        """Complete the slides whose label shards are all written (all of them with ``wait``)."""
+        import ray
 
-def _complete_labelled(
-    labelling: dict[str, SlideOutputs], results: dict[str, SegmentResult], *, wait: bool
-) -> None:
-    """Complete the slides whose label shards are all written (all of them with ``wait``)."""
-    import ray
+        for slide, outputs in list(self.labelling.items()):
+            timeout = None if wait else 0
+            ready, _ = ray.wait(outputs.pending, num_returns=len(outputs.pending), timeout=timeout)
+            if len(ready) < len(outputs.pending):
+                continue
+            del self.labelling[slide]
+            try:
+                ray.get(outputs.pending)
+                self.results[slide] = outputs.complete()
+            except Exception as exc:  # a shard that failed fails its slide, not the batch
+                outputs.abort()
+                self.results[slide] = outputs.result(
+                    FAILED, error_line(exc), tiles=outputs.received
+                )
 
-    for slide, outputs in list(labelling.items()):
-        ready, _ = ray.wait(
-            outputs.pending, num_returns=len(outputs.pending), timeout=None if wait else 0
-        )
-        if len(ready) < len(outputs.pending):
-            continue
-        del labelling[slide]
-        try:
-            ray.get(outputs.pending)
-            results[slide] = outputs.complete()
-        except Exception as exc:  # a shard that failed fails its slide, not the batch
-            outputs._remove_labels()
-            results[slide] = SegmentResult(slide, FAILED, error_line(exc), tiles=outputs.received)
+    def abort(self) -> None:
+        for outputs in [*self.writing.values(), *self.labelling.values()]:
+            outputs.abort()
+
+    def _fail(self, slide: str, reason: str) -> None:
+        self.results[slide] = SegmentResult(slide, FAILED, reason)
+        logger.warning("%s: failed: %s", slide, reason)
 
 
 def _graph(

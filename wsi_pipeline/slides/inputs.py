@@ -97,3 +97,35 @@ def expand_inputs(items: list[str]) -> list[str]:
         if other != slide:
             raise InputError(f"{slide} and {other} share the name {slide_stem(slide)!r}")
     return unique
+
+
+def source_fingerprint(path: str) -> dict[str, object]:
+    """What identifies a slide (or tiling store) between runs: its absolute path or URL, size and
+    modification time. Resuming into an output whose fingerprint differs is refused."""
+    from wsi_pipeline import storage
+
+    fs, inner = storage.filesystem(path)
+    target = storage.join(path, "zarr.json") if inner.rstrip("/").endswith(".zarr") else path
+    try:
+        info = fs.info(storage.filesystem(target)[1])
+    except (OSError, ValueError):
+        info = {}
+    mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+    return {
+        "path": path if is_url(path) else os.path.abspath(path),
+        "size": info.get("size"),
+        "mtime": round(float(mtime), 3) if isinstance(mtime, int | float) else str(mtime or ""),
+    }
+
+
+def fingerprint_mismatch(recorded: dict[str, object] | None, path: str) -> str:
+    """Why the output recorded for ``recorded`` is not this slide's (``""`` if it is, or if the
+    output predates fingerprints)."""
+    if not recorded:
+        return ""
+    current = source_fingerprint(path)
+    if recorded.get("path") != current["path"]:
+        return f"holds the results of another slide with the same name, {recorded.get('path')}"
+    if (recorded.get("size"), recorded.get("mtime")) != (current["size"], current["mtime"]):
+        return "was made from an earlier version of this slide (its size or time changed)"
+    return ""

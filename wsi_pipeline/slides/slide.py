@@ -172,8 +172,10 @@ class Slide:
         try:
             region = self._reader.read_region(location, level, (cx1 - cx0, cy1 - cy0))
         except Exception as exc:  # backends raise their own types; one message for the user
+            reason = str(exc).strip() and error_line(exc)
+            reason = reason or f"{type(exc).__name__}; the file may be truncated or corrupt"
             raise SlideError(
-                f"{self.path}: cannot read level {level} at {location}: {exc}"
+                f"{self.path}: cannot read level {level} at {location}: {reason}"
             ) from exc
         out[cy0 - y : cy1 - y, cx0 - x : cx1 - x] = _to_rgb(region)
         return out
@@ -274,6 +276,8 @@ def _open_uncached(path: str, backend: Backend, mpp_override: float | None) -> S
         _ = reader.level_dimensions, dict(reader.properties)
     except SlideError:
         raise
+    except IndexError as exc:  # a TIFF whose directories hold no image (truncated, or not a slide)
+        raise SlideError(f"{path}: not a readable slide (no image levels: truncated?)") from exc
     except Exception as exc:
         raise SlideError(f"{path}: not a readable slide ({error_line(exc)})") from exc
     mpp = mpp_override if mpp_override is not None else _mpp_from_properties(reader.properties)

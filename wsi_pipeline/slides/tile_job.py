@@ -16,6 +16,7 @@ re-running skips complete stores and writes only the shards an interrupted run l
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ import numpy as np
 from wsi_pipeline import storage
 from wsi_pipeline.batch import COMPLETE, FAILED, SKIPPED, SlideResult, error_line
 from wsi_pipeline.config import TileConfig, save_config
+from wsi_pipeline.progress import Progress
+from wsi_pipeline.slides.image_store import COMPLETE as STORE_COMPLETE
 from wsi_pipeline.slides.image_store import (
     StoreLayout,
     create_store,
@@ -37,7 +40,7 @@ from wsi_pipeline.slides.image_store import (
     read_layout,
     write_shard,
 )
-from wsi_pipeline.slides.inputs import slide_stem
+from wsi_pipeline.slides.inputs import fingerprint_mismatch, slide_stem, source_fingerprint
 from wsi_pipeline.slides.slide import Slide, open_slide
 from wsi_pipeline.slides.tiling import Box, grid_size
 from wsi_pipeline.slides.tissue import detect_tissue
@@ -169,6 +172,22 @@ def read_shard(
     return pixels
 
 
+def previous_result(slide: str, store: str) -> TileResult:
+    """A complete store's figures, skipped; failed if the store was made from another slide."""
+    complete = storage.join(store, STORE_COMPLETE)
+    try:
+        recorded = json.loads(storage.read_bytes(complete))
+    except (OSError, ValueError) as exc:
+        reason = f"{complete}: unreadable ({error_line(exc)})"
+        return TileResult(slide, FAILED, reason, output=store)
+    mismatch = fingerprint_mismatch(recorded.get("source_fingerprint"), slide)
+    if mismatch:
+        reason = f"{store} {mismatch}; use another --out, or --overwrite to replace it"
+        return TileResult(slide, FAILED, reason, output=store)
+    figures = {k: recorded[k] for k in ("shards", "tiles") if k in recorded}
+    return TileResult(slide, SKIPPED, "already complete", output=store, **figures)
+
+
 class _Tracker:
     """Counts shard status rows per slide on the driver and completes stores as they land."""
 
@@ -203,7 +222,15 @@ class _Tracker:
             result.status, result.reason = FAILED, result.errors[0]
             logger.warning("%s: failed: %s", result.slide, result.reason)
             return
-        mark_complete(result.output, {"slide": result.slide, "shards": result.shards})
+        mark_complete(
+            result.output,
+            {
+                "slide": result.slide,
+                "shards": result.shards,
+                "tiles": result.tiles,
+                "source_fingerprint": source_fingerprint(result.slide),
+            },
+        )
         result.status = COMPLETE
         logger.info("%s: complete (%d shards)", result.slide, result.shards)
 
@@ -223,8 +250,7 @@ def tile_slides(slides: list[str], out_dir: str, config: TileConfig) -> list[Til
     for slide in slides:
         store = store_path(out_dir, slide)
         if is_complete(store) and not config.overwrite:
-            tracker.results[slide].status = SKIPPED
-            tracker.results[slide].reason = "already complete"
+            tracker.results[slide] = previous_result(slide, store)
             continue
         todo.append((slide, store))
     # Plans are small and gathered first, so that the shards of one slide are written in
@@ -247,8 +273,11 @@ def tile_slides(slides: list[str], out_dir: str, config: TileConfig) -> list[Til
             compute=compute,
             num_cpus=1,
         )
+        shards = Progress(len(rows), f"tile {len(layouts)} slides", unit="shards")
         for row in written.iter_rows():
             tracker.add(row)
+            shards.update()
+        shards.close()
     for result in tracker.results.values():
         if result.status == PENDING:  # planned shards that never reported back
             result.status, result.reason = FAILED, "not all shards were written"

@@ -28,6 +28,7 @@ from wsi_pipeline.checkpoint import Normalization, load_checkpoint
 from wsi_pipeline.config import ConfigError
 from wsi_pipeline.forward import choose_device, forward, probabilities
 from wsi_pipeline.metrics import score_image, summarize
+from wsi_pipeline.progress import progress
 from wsi_pipeline.segment.instances import instances_from_probabilities
 from wsi_pipeline.train.ingest import FolderEntry, folder_entries, read_entry
 from wsi_pipeline.train.store import resize_image, resize_labels, resized_shape
@@ -153,7 +154,7 @@ def evaluate_predictions(
     entries = _select(entries, splits, field)
 
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        for entry in entries:
+        for entry in progress(entries, "evaluate", unit="images"):
             true = np.asarray(Image.open(entry.mask)).astype(np.int64)
             pred_file = _prediction_file(pred_root, entry.id)
             pred = read_label_image(pred_file)
@@ -230,7 +231,7 @@ def evaluate_checkpoint(
     )
 
     def pairs() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        for entry in entries:
+        for entry in progress(entries, "evaluate", unit="images"):
             rgb, true = read_entry(entry)
             yield entry.id, true, predict_instances(model, card, rgb, entry.mpp, torch_device)  # type: ignore[arg-type]
 

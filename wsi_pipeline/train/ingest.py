@@ -28,23 +28,27 @@ from shapely import affinity
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
+from wsi_pipeline.batch import error_line
 from wsi_pipeline.config import ConfigError
+from wsi_pipeline.progress import progress
 from wsi_pipeline.segment.geojson import read_features
 from wsi_pipeline.segment.polygons import largest_polygon, rasterize
 from wsi_pipeline.train.store import (
     CHUNK,
+    Staging,
     StoreItem,
-    create_item,
     new_uid,
-    open_for_writing,
-    register_items,
     resample,
-    write_item,
+    staged_items,
 )
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """An annotated input that cannot be ingested; the message is one line naming it."""
 
 
 _ITEM_MPP_KEYS = ("mpp", "approx_mpp", "mpp_from_xml", "microns_per_pixel")
@@ -140,11 +144,22 @@ def hash_split(ids: list[str], val_fraction: float, seed: int = 0) -> dict[str, 
 
 def read_entry(entry: FolderEntry) -> tuple[np.ndarray, np.ndarray]:
     """``(rgb uint8, labels int32)`` of a folder dataset image at its own resolution."""
-    rgb = np.asarray(Image.open(entry.image).convert("RGB"))
-    labels = np.asarray(Image.open(entry.mask)).astype(np.int32)
-    if labels.shape != rgb.shape[:2]:
-        raise ValueError(f"{entry.mask}: mask {labels.shape} does not match image {rgb.shape}")
-    return rgb, labels
+    try:
+        rgb = np.asarray(Image.open(entry.image).convert("RGB"))
+        mask = np.asarray(Image.open(entry.mask))
+    except OSError as exc:
+        raise DataError(f"{entry.id}: cannot read its image or mask ({error_line(exc)})") from None
+    if mask.ndim != 2:
+        raise DataError(
+            f"{entry.mask}: a mask must be one channel of instance labels, got {mask.shape[2]} "
+            "channels (an RGB picture of the labels?)"
+        )
+    if mask.shape != rgb.shape[:2]:
+        h, w = rgb.shape[:2]
+        raise DataError(
+            f"{entry.mask}: mask is {mask.shape[1]}x{mask.shape[0]} px, its image {w}x{h} px"
+        )
+    return rgb, mask.astype(np.int32)
 
 
 def count_nuclei(labels: np.ndarray) -> int:
@@ -180,29 +195,27 @@ def ingest_folder(
         )
     fallback = hash_split([e.id for e in entries], val_fraction)
     dataset = name or root.name
-    group = open_for_writing(str(store), mpp)
     items = []
-    for entry in entries:
-        source_mpp = float(entry.mpp)  # type: ignore[arg-type]
-        rgb, labels = resample(*read_entry(entry), source_mpp / mpp)
-        key = f"{dataset}/{entry.id}"
-        write_item(group, key, rgb, labels)
-        split = str(entry.split) if entry.split is not None else fallback[entry.id]
-        h, w = labels.shape
-        items.append(
-            StoreItem(
-                key, dataset, entry.id, split, h, w, source_mpp, count_nuclei(labels), new_uid()
-            )
-        )
-        logger.debug("ingested %s (%s, %dx%d px)", key, split, w, h)
-    info = {
-        "kind": "folder",
-        "source": str(root.resolve()),
-        "split_field": field_name if any(e.split is not None for e in entries) else None,
-        "val_fraction": None if any(e.split is not None for e in entries) else val_fraction,
-        "license": str(_manifest(root).get("license", "")),
-    }
-    register_items(group, dataset, info, items)
+    with staged_items(str(store), mpp) as staging:
+        for entry in progress(entries, "ingest", unit="image"):
+            source_mpp = float(entry.mpp)  # type: ignore[arg-type]
+            rgb, labels = resample(*read_entry(entry), source_mpp / mpp)
+            key = f"{dataset}/{entry.id}"
+            staging.write_item(key, rgb, labels)
+            split = str(entry.split) if entry.split is not None else fallback[entry.id]
+            h, w = labels.shape
+            nuclei = count_nuclei(labels)
+            item = StoreItem(key, dataset, entry.id, split, h, w, source_mpp, nuclei, new_uid())
+            items.append(item)
+            logger.debug("ingested %s (%s, %dx%d px)", key, split, w, h)
+        info = {
+            "kind": "folder",
+            "source": str(root.resolve()),
+            "split_field": field_name if any(e.split is not None for e in entries) else None,
+            "val_fraction": None if any(e.split is not None for e in entries) else val_fraction,
+            "license": str(_manifest(root).get("license", "")),
+        }
+        staging.commit(dataset, info, items)
     return items
 
 
@@ -225,16 +238,23 @@ def read_qupath(
     wanted = {c.lower() for c in region_classes}
     nuclei: list[Polygon] = []
     regions: list[BaseGeometry] = []
+    bad = 0
     for feature in read_features(path):
-        properties = feature.get("properties") or {}
-        geometry = properties.get("nucleusGeometry") or feature.get("geometry")
-        if not geometry or geometry.get("type") not in ("Polygon", "MultiPolygon"):
+        try:
+            properties = feature.get("properties") or {}
+            geometry = properties.get("nucleusGeometry") or feature.get("geometry")
+            if not geometry or geometry.get("type") not in ("Polygon", "MultiPolygon"):
+                continue
+            geom = shapely.geometry.shape(geometry)
+        except (AttributeError, TypeError, ValueError, shapely.errors.ShapelyError):
+            bad += 1  # non-numeric coordinates, a 2-point ring...: skipped, not fatal
             continue
-        geom = shapely.geometry.shape(geometry)
         if _class_name(properties).lower() in wanted:
             regions.append(geom)
         elif (polygon := largest_polygon(geom)) is not None:
             nuclei.append(polygon)
+    if bad:
+        logger.warning("%s: skipped %d malformed features", path, bad)
     return nuclei, regions
 
 
@@ -335,51 +355,65 @@ def ingest_qupath(
     nuclei, regions = read_qupath(geojson, region_classes)
     if not nuclei:
         raise ConfigError(f"{geojson}: no nucleus polygons")
-    downsample = slide.downsample_for(mpp)
+    if not shapely.box(0, 0, *slide.dimensions).intersects(shapely.union_all(nuclei)):
+        logger.warning(
+            "%s: none of its %d nuclei lies on %s (%dx%d px): another slide's annotations, or "
+            "coordinates that are not level-0 px?",
+            geojson, len(nuclei), slide_path, *slide.dimensions,
+        )  # fmt: skip
     boxes = region_boxes(nuclei, regions, slide.dimensions, margin_um / slide.mpp)
     tree = shapely.STRtree(nuclei)
     dataset = name or Path(slide_path).stem
-    group = open_for_writing(str(store), mpp)
     items = []
-    for index, (x0, y0, x1, y1) in enumerate(boxes):
-        width, height = math.ceil((x1 - x0) / downsample), math.ceil((y1 - y0) / downsample)
-        key = f"{dataset}/region-{index:03d}"
-        image_array, labels_array = create_item(group, key, height, width)
-        present: set[int] = set()
-        for by in range(0, height, block):
-            for bx in range(0, width, block):
-                h, w = min(block, height - by), min(block, width - bx)
-                ox, oy = x0 + bx * downsample, y0 + by * downsample
-                box = shapely.box(ox, oy, ox + w * downsample, oy + h * downsample)
-                hits = sorted(int(i) for i in tree.query(box))
-                labels = rasterize_nuclei(
-                    [nuclei[i] for i in hits], [i + 1 for i in hits], (ox, oy), downsample, (h, w)
-                )
-                image_array[by : by + h, bx : bx + w] = slide.read_region(ox, oy, w, h, mpp=mpp)
-                labels_array[by : by + h, bx : bx + w] = labels
-                present.update(np.unique(labels[labels > 0]).tolist())
-        items.append(
-            StoreItem(
-                key,
-                dataset,
-                f"region-{index:03d}",
-                split,
-                height,
-                width,
-                slide.mpp,
-                len(present),
-                new_uid(),
+    with staged_items(str(store), mpp) as staging:
+        for index, box in enumerate(progress(boxes, "ingest", unit="region")):
+            key = f"{dataset}/region-{index:03d}"
+            present = _write_region(staging, key, box, slide, nuclei, tree, mpp, block)
+            item_id = f"region-{index:03d}"
+            h, w = staging.staged[f"items/{key}/labels"].shape
+            items.append(
+                StoreItem(key, dataset, item_id, split, h, w, slide.mpp, present, new_uid())
             )
-        )
-        logger.debug("ingested %s at (%d, %d): %d nuclei", key, x0, y0, len(present))
-    info = {
-        "kind": "qupath",
-        "source": str(slide_path),
-        "annotations": str(geojson),
-        "regions": [list(b) for b in boxes],
-        "region_classes": list(region_classes),
-        "split_field": None,
-        "license": "",
-    }
-    register_items(group, dataset, info, items)
+            logger.debug("ingested %s at (%d, %d): %d nuclei", key, box[0], box[1], present)
+        info = {
+            "kind": "qupath",
+            "source": str(slide_path),
+            "annotations": str(geojson),
+            "regions": [list(b) for b in boxes],
+            "region_classes": list(region_classes),
+            "split_field": None,
+            "license": "",
+        }
+        staging.commit(dataset, info, items)
     return items
+
+
+def _write_region(
+    staging: Staging,
+    key: str,
+    region: tuple[float, float, float, float],
+    slide: Any,
+    nuclei: list[Polygon],
+    tree: shapely.STRtree,
+    mpp: float,
+    block: int,
+) -> int:
+    """Read one region at ``mpp`` and rasterise its nuclei, block by block; nuclei present."""
+    x0, y0, x1, y1 = region
+    downsample = slide.downsample_for(mpp)
+    width, height = math.ceil((x1 - x0) / downsample), math.ceil((y1 - y0) / downsample)
+    image_array, labels_array = staging.create_item(key, height, width)
+    present: set[int] = set()
+    for by in range(0, height, block):
+        for bx in range(0, width, block):
+            h, w = min(block, height - by), min(block, width - bx)
+            ox, oy = x0 + bx * downsample, y0 + by * downsample
+            box = shapely.box(ox, oy, ox + w * downsample, oy + h * downsample)
+            hits = sorted(int(i) for i in tree.query(box))
+            labels = rasterize_nuclei(
+                [nuclei[i] for i in hits], [i + 1 for i in hits], (ox, oy), downsample, (h, w)
+            )
+            image_array[by : by + h, bx : bx + w] = slide.read_region(ox, oy, w, h, mpp=mpp)
+            labels_array[by : by + h, bx : bx + w] = labels
+            present.update(np.unique(labels[labels > 0]).tolist())
+    return len(present)

@@ -1,13 +1,7 @@
-"""Annotated nuclei in → one training store (Zarr v3) at one training mpp.
+"""The training store (Zarr v3): annotated images and their instance labels at one mpp.
 
-Two sources:
-
-- a **folder dataset**: ``images/<id>.png|jpg|tif`` + ``masks/<id>.png`` (16-bit instance labels,
-  0 = background) with an optional ``manifest.json`` (``items[]`` with ``id``, per-item ``mpp`` /
-  ``approx_mpp`` / ``mpp_from_xml`` and a split field such as MoNuSeg's ``kumar2017_split``);
-- **QuPath GeoJSON** on a slide: nucleus polygons in level-0 px, pixel-corner frame (pixel ``i``
-  spans ``[i, i + 1)``), rasterised at pixel centres into instance labels for each annotated
-  region (see :func:`ingest_qupath`).
+Filled by :mod:`~wsi_pipeline.train.ingest` (folder datasets, QuPath GeoJSON on slides); read by
+training, evaluation and the crop pipeline.
 
 Layout of a training store::
 
@@ -29,8 +23,10 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +179,51 @@ def register_items(
     group.attrs[ATTRS] = meta
     for key in dropped:
         del group[f"items/{key}"]
+
+
+class Staging:
+    """A dataset's items written beside the store's index, swapped in and indexed together.
+
+    Use :func:`staged_items`: nothing of an ingest that fails (a bad mask, a full disk) reaches
+    the index or replaces an item that was there before.
+    """
+
+    def __init__(self, path: str, group: zarr.Group) -> None:
+        self.root, self.group = Path(path), group
+        self.name = f".staging-{new_uid()}"
+        self.staged = group.require_group(self.name)
+
+    def create_item(self, key: str, height: int, width: int) -> tuple[zarr.Array, zarr.Array]:
+        return create_item(self.staged, key, height, width)
+
+    def write_item(self, key: str, rgb: np.ndarray, labels: np.ndarray) -> None:
+        write_item(self.staged, key, rgb, labels)
+
+    def commit(self, dataset: str, info: dict[str, Any], items: list[StoreItem]) -> None:
+        """Move the staged items into place, then list them in the index."""
+        self.group.require_group(f"items/{dataset}")
+        for item in items:
+            final = self.root / "items" / item.key
+            if final.exists():
+                replaced = self.root / self.name / "replaced" / item.key
+                replaced.parent.mkdir(parents=True, exist_ok=True)
+                final.rename(replaced)
+            (self.root / self.name / "items" / item.key).rename(final)
+        register_items(self.group, dataset, info, items)
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root / self.name, ignore_errors=True)
+
+
+@contextmanager
+def staged_items(path: str, mpp: float) -> Iterator[Staging]:
+    """Stage a dataset's items for the (local) store at ``path``; discarded on any error."""
+    staging = Staging(path, open_for_writing(path, mpp))
+    try:
+        yield staging
+    finally:
+        staging.discard()
 
 
 def new_uid() -> str:

@@ -26,6 +26,7 @@ from wsi_pipeline.checkpoint import (
 )
 from wsi_pipeline.forward import choose_device
 from wsi_pipeline.metrics import score_image, summarize
+from wsi_pipeline.progress import progress
 from wsi_pipeline.segment.instances import instances_from_probabilities
 from wsi_pipeline.storage import write_bytes_atomic
 from wsi_pipeline.train.evaluation import SCORES, predict_probabilities, scored_entries
@@ -100,7 +101,7 @@ def tune_checkpoint(
         data_dir, mpp_source=mpp_source, split_field=split_field, splits=splits
     )
     images = []
-    for entry in entries:
+    for entry in progress(entries, "tune: predict", unit="images"):
         rgb, true = read_entry(entry)
         images.append((predict_probabilities(model, card, rgb, entry.mpp, torch_device), true))  # type: ignore[arg-type]
     previous = card.postprocess.model_dump()
