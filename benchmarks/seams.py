@@ -43,44 +43,10 @@ from wsi_pipeline.checkpoint import (
 )
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.forward import choose_device
-from wsi_pipeline.metrics import score_image, summarize
-from wsi_pipeline.segment.geojson import read_features
-from wsi_pipeline.segment.job import segment_slides
-from wsi_pipeline.segment.label_store import rasterize_shard
 from wsi_pipeline.slides.slide import open_slide
 from wsi_pipeline.slides.tiling import Box
-from wsi_pipeline.train.evaluation import SCORES, predict_instances, scored_entries
-from wsi_pipeline.train.ingest import read_entry
-
-
-def load_sources(data: str, splits: list[str]) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    """The images of ``splits`` and their common µm/px."""
-    entries = scored_entries(data, splits=splits or None)
-    mpps = {e.mpp for e in entries}
-    if len(mpps) != 1:
-        raise SystemExit(f"{data}: need images of one mpp in {splits}, got {sorted(mpps)}")
-    return [read_entry(e) for e in entries], float(mpps.pop())  # type: ignore[arg-type]
-
-
-def rasterize_geojson(path: str, width: int, height: int) -> np.ndarray:
-    """Level-0 label image of a GeoJSON's polygons (pixel centres inside, QuPath's frame)."""
-    labels = np.zeros((height, width), dtype=np.int32)
-    polygons = [
-        (i, np.asarray(f["geometry"]["coordinates"][0], dtype=np.float64))
-        for i, f in enumerate(read_features(path), start=1)
-    ]
-    rasterize_shard(labels, Box(0, 0, width, height), polygons)
-    return labels
-
-
-def segment_labels(
-    slide: str, mosaic: synthetic.MosaicSlide, config: SegmentConfig, out: str
-) -> np.ndarray:
-    """Level-0 labels of the segment job's GeoJSON for ``slide``."""
-    (outcome,) = segment_slides([slide], out, config)
-    if outcome.status != "complete":
-        raise SystemExit(f"segment failed: {outcome.reason}")
-    return rasterize_geojson(outcome.geojson, mosaic.width, mosaic.height)
+from wsi_pipeline.train.evaluation import predict_instances
+from wsi_pipeline.train.slide_scoring import build_mosaic, load_sources, score_cells, segment_labels
 
 
 def evaluate_labels(
@@ -112,16 +78,6 @@ def evaluate_labels(
     return labels
 
 
-def score_cells(mosaic: synthetic.MosaicSlide, truth: np.ndarray, pred: np.ndarray) -> dict:
-    """Scores averaged over tissue cells, each cell scored like one ``evaluate`` image."""
-    scores = []
-    for _, box in mosaic.tissue_cells():
-        box = box.clip(mosaic.width, mosaic.height)
-        window = (slice(box.y0, box.y1), slice(box.x0, box.x1))
-        scores.append(score_image(truth[window].astype(np.int64), pred[window]))
-    return {k: round(v, 4) for k, v in summarize(scores).items() if k in SCORES}
-
-
 def measure(
     data: str,
     splits: list[str],
@@ -135,8 +91,8 @@ def measure(
 ) -> dict:
     """Build the mosaic, segment it four ways and score each (Ray must be initialised)."""
     sources, mpp = load_sources(data, splits)
-    side = min(min(image.shape[:2]) for image, _ in sources) * cells
-    mosaic = synthetic.MosaicSlide(sources, side, side, seed=seed, tissue_fraction=1.0)
+    mosaic = build_mosaic(sources, cells, seed)
+    side = mosaic.width
     checkpoint = str(resolve_checkpoint(checkpoint))
     config = SegmentConfig(checkpoint=checkpoint, tile=tile, overlap=overlap, device=device)
     # One tile covering the slide at the model's mpp, rounded up to a multiple of 64 px.

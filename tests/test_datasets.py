@@ -277,3 +277,29 @@ def test_store_layout_is_documented_zarr(store: datasets.TrainingStore) -> None:
     meta = group.attrs[datasets.ATTRS]
     assert meta["mpp"] == 0.5 and set(meta["items"]) == set(store.keys())
     assert group["items/ds/tile0/image"].shape[2] == 3
+
+
+def test_jpeg_and_resampling_round_trips_change_detail_not_content() -> None:
+    rng = np.random.default_rng(0)
+    rgb, _ = synthetic_tile(128, rng, mpp=0.5, density=0.006)
+    jpeg = augment.jpeg_round_trip(rgb, 60)
+    resampled = augment.resample_round_trip(rgb, 2.0)
+    for out in (jpeg, resampled):
+        assert out.shape == rgb.shape and out.dtype == np.uint8
+        diff = np.abs(out.astype(int) - rgb.astype(int))
+        assert 0.5 < diff.mean() < 12  # visibly degraded, still the same picture
+    # Quality and factor matter: a gentler round trip stays closer to the original.
+    assert (
+        np.abs(augment.jpeg_round_trip(rgb, 95).astype(int) - rgb).mean()
+        < np.abs(jpeg.astype(int) - rgb).mean()
+    )
+    assert np.array_equal(augment.resample_round_trip(rgb, 1.0), rgb)
+
+
+def test_photometric_applies_jpeg_and_resampling_only_when_asked() -> None:
+    rgb, _ = synthetic_tile(64, np.random.default_rng(1), mpp=0.5, density=0.006)
+    plain = augment.NO_AUGMENT
+    assert np.array_equal(augment.photometric(rgb, np.random.default_rng(0), plain), rgb)
+    jpeg_only = plain.model_copy(update={"jpeg_p": 1.0, "jpeg_quality": 50})
+    out = augment.photometric(rgb, np.random.default_rng(0), jpeg_only)
+    assert not np.array_equal(out, rgb)

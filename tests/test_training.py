@@ -162,6 +162,8 @@ def test_smoke_config_and_model_configs_load() -> None:
         assert config.model.name == name and config.num_classes == 3
     default = load_train_config(REPO / "configs" / "train" / "default.yaml")  # the shipped model
     assert default.model.name == "unet" and default.num_classes == 3
+    v2 = load_train_config(REPO / "configs" / "train" / "default-v2.yaml")  # its successor
+    assert v2.model == default.model and v2.ema_decay > 0 and v2.data.augment.jpeg_p > 0
     at_40x = load_train_config(REPO / "configs" / "train" / "default-40x.yaml")
     assert at_40x.model == default.model and at_40x.data.input_size > default.data.input_size
 
@@ -228,3 +230,20 @@ def test_a_run_of_another_model_is_not_resumed(store: str, tmp_path: Path) -> No
     other = tiny_config(model={"name": "lanet"})
     with pytest.raises(ConfigError, match="another model"):
         run_training(other, store, tmp_path)
+
+
+def test_ema_checkpoints_hold_the_averaged_weights_and_resume(store: str, tmp_path: Path) -> None:
+    """With ema_decay the checkpoint is the moving average, and a resumed run keeps both the
+    raw weights (to go on training) and the average."""
+    config = tiny_config(ema_decay=0.9, epochs=1)
+    out = tmp_path / "ema"
+    run_training(config, store, out)
+    first = read_card(out / "best")
+    state = torch.load(next((out / config.name).glob("epoch-*/train_state.pt")), weights_only=True)
+    averaged = torch.load(out / "best" / "model.pt", weights_only=True)
+    raw = state["raw_model"]
+    assert state["ema_steps"] >= 1
+    assert raw.keys() == averaged.keys()
+    assert any(not torch.equal(raw[k].float(), averaged[k].float()) for k in raw)
+    again = run_training(tiny_config(ema_decay=0.9, epochs=2), store, out)
+    assert again["last_epoch"] == 1 and first.training["epoch"] == 0

@@ -15,6 +15,7 @@ are computed from the transformed labels, so nucleus boundaries stay one pixel w
 
 from __future__ import annotations
 
+import io
 import math
 from collections import OrderedDict
 from typing import Any
@@ -51,6 +52,14 @@ class AugmentConfig(StrictModel):
     saturation: float = Field(0.1, ge=0, description="saturation factor within 1 ± saturation")
     blur_p: float = Field(0.2, ge=0, le=1, description="probability of a Gaussian blur")
     blur_sigma: float = Field(1.0, ge=0, description="blur sigma drawn from [0.1, blur_sigma] px")
+    # The segment job reads JPEG-compressed pyramid levels and area-averages them to the model's
+    # mpp: train on crops that went through the same.
+    jpeg_p: float = Field(0.0, ge=0, le=1, description="probability of a JPEG round trip")
+    jpeg_quality: int = Field(70, ge=1, le=95, description="its quality, drawn from [this, 95]")
+    resample_p: float = Field(
+        0.0, ge=0, le=1, description="probability of an area-down, bilinear-up round trip"
+    )
+    resample_max: float = Field(2.0, ge=1, description="its factor, drawn from [1, this]")
 
 
 NO_AUGMENT = AugmentConfig(
@@ -62,6 +71,8 @@ NO_AUGMENT = AugmentConfig(
     contrast=0,
     saturation=0,
     blur_p=0,
+    jpeg_p=0,
+    resample_p=0,
 )
 
 
@@ -144,7 +155,28 @@ def photometric(rgb: np.ndarray, rng: np.random.Generator, config: AugmentConfig
     if config.blur_p and config.blur_sigma > 0 and rng.random() < config.blur_p:
         sigma = rng.uniform(min(0.1, config.blur_sigma), config.blur_sigma)
         image = ndi.gaussian_filter(image, sigma=(sigma, sigma, 0))
-    return np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    out = np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    if config.resample_p and rng.random() < config.resample_p:
+        out = resample_round_trip(out, rng.uniform(1.0, config.resample_max))
+    if config.jpeg_p and rng.random() < config.jpeg_p:
+        out = jpeg_round_trip(out, int(rng.integers(config.jpeg_quality, 96)))
+    return out
+
+
+def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """``rgb`` compressed as JPEG at ``quality`` and decoded again (as slide pyramids store it)."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def resample_round_trip(rgb: np.ndarray, factor: float) -> np.ndarray:
+    """``rgb`` area-averaged down by ``factor`` and brought back with bilinear interpolation:
+    the detail lost when the job reads a coarser pyramid level than the training data had."""
+    h, w = rgb.shape[:2]
+    small = (max(round(w / factor), 1), max(round(h / factor), 1))
+    image = Image.fromarray(rgb).resize(small, Image.Resampling.BOX)
+    return np.asarray(image.resize((w, h), Image.Resampling.BILINEAR))
 
 
 def augment_window(

@@ -117,6 +117,13 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(2, ge=-1, description="worker-group restarts (-1: unlimited)")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="exponential moving average of the weights per step (0: off); validation "
+        "and checkpoints use the averaged weights, which chase noise less than the last step's",
+    )
     log_every: int = Field(20, ge=1, description="steps between progress lines")
     normalization: Normalization = Normalization()
     postprocess: PostProcess = PostProcess()

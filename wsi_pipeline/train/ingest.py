@@ -197,7 +197,7 @@ def ingest_folder(
     dataset = name or root.name
     items = []
     with staged_items(str(store), mpp) as staging:
-        for entry in progress(entries, "ingest", unit="image"):
+        for entry in progress(entries, "ingest", unit="images"):
             source_mpp = float(entry.mpp)  # type: ignore[arg-type]
             rgb, labels = resample(*read_entry(entry), source_mpp / mpp)
             key = f"{dataset}/{entry.id}"
@@ -366,7 +366,7 @@ def ingest_qupath(
     dataset = name or Path(slide_path).stem
     items = []
     with staged_items(str(store), mpp) as staging:
-        for index, box in enumerate(progress(boxes, "ingest", unit="region")):
+        for index, box in enumerate(progress(boxes, "ingest", unit="regions")):
             key = f"{dataset}/region-{index:03d}"
             present = _write_region(staging, key, box, slide, nuclei, tree, mpp, block)
             item_id = f"region-{index:03d}"

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from wsi_pipeline import storage
 from wsi_pipeline.checkpoint import (
@@ -30,6 +31,7 @@ from wsi_pipeline.checkpoint import (
     save_checkpoint,
 )
 from wsi_pipeline.forward import forward
+from wsi_pipeline.models.registry import strip_wrappers
 from wsi_pipeline.train.config import DataSection, OptimizerSection, TrainConfig
 from wsi_pipeline.train.evaluation import SCORES, score_tiles
 from wsi_pipeline.train.losses import create_loss
@@ -67,7 +69,7 @@ def validate(worker: _Worker) -> tuple[dict[str, float], int]:
     for key in worker.val_keys[worker.rank :: worker.world]:
         rgb, labels = worker.store.read(key)
         for scores in score_tiles(
-            worker.model,
+            worker.served,
             rgb,
             labels,
             target_mode=config.data.target_mode,
@@ -100,6 +102,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         loss_sum, steps = worker.train_epoch(epoch)
         train_time = time.perf_counter() - start
         worker.ddp_model.eval()
+        worker.served.eval()
         sums, count = validate(worker)
         totals = _all_reduce({"train_loss": loss_sum, "steps": steps, **sums, "n": count})
         metrics = {
@@ -126,6 +129,7 @@ class _Worker:
     autocast: bool
     model: nn.Module
     ddp_model: nn.Module
+    ema: AveragedModel | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: nn.Module
@@ -153,10 +157,19 @@ class _Worker:
         state = _restore(ray.train.get_checkpoint())
         model = build_model(card)
         if state is not None:
-            model.load_state_dict(state.pop("model"))
+            model.load_state_dict(state.pop("raw_model", None) or state["model"])
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         ddp_model = ray.train.torch.prepare_model(model)
+        ema = None
+        if config.ema_decay:
+            decay = get_ema_multi_avg_fn(config.ema_decay)
+            ema = AveragedModel(model, multi_avg_fn=decay, use_buffers=True)
+            if state is not None:
+                ema.module.load_state_dict(state["model"])
+                ema.n_averaged.fill_(state.get("ema_steps", 1))
+        if state is not None:
+            state.pop("model")
         optimizer = make_optimizer(config.optimizer, ddp_model.parameters())
         steps = int(loop_config["steps_per_epoch"])
         total, warmup = config.epochs * steps, round(config.optimizer.warmup_epochs * steps)
@@ -181,6 +194,7 @@ class _Worker:
             or (config.precision == "auto" and device.type == "cuda"),
             model=model,
             ddp_model=ddp_model,
+            ema=ema,
             optimizer=optimizer,
             scheduler=scheduler,
             loss_fn=create_loss(config.loss, **config.loss_kwargs).to(device),
@@ -231,7 +245,14 @@ class _Worker:
             nn.utils.clip_grad_norm_(self.ddp_model.parameters(), self.config.optimizer.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         return float(loss.detach())
+
+    @property
+    def served(self) -> nn.Module:
+        """The weights validated and checkpointed: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
         """Track the best epoch, report (with a checkpoint from rank 0), write curves, log."""
@@ -358,12 +379,15 @@ def _report(metrics: dict[str, float], worker: _Worker) -> None:
                 "workers": worker.world,
             }
             card = worker.card.model_copy(update={"metrics": scores, "training": training})
-            save_checkpoint(directory, worker.model, card)
+            save_checkpoint(directory, worker.served, card)
             state = {
                 "optimizer": worker.optimizer.state_dict(),
                 "scheduler": worker.scheduler.state_dict(),
                 **worker.progress.state(),
             }
+            if worker.ema is not None:  # model.pt holds the average; resuming needs both
+                state["raw_model"] = strip_wrappers(worker.model.state_dict())
+                state["ema_steps"] = int(worker.ema.n_averaged)
             torch.save(state, Path(directory) / STATE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch-{epoch:04d}")
