@@ -37,12 +37,20 @@ def measure(
     overlap: int = 64,
     device: str = "auto",
     cells: int | None = None,
+    subpixel: bool = False,
 ) -> dict:
     """Score ``checkpoint`` on each split three ways (Ray must be initialised)."""
     checkpoint = str(resolve_checkpoint(checkpoint))
     card = read_card(checkpoint)
-    config = SegmentConfig(checkpoint=checkpoint, tile=tile, overlap=overlap, device=device)
-    result: dict = {"benchmark": "accuracy", "checkpoint": checkpoint, "mpp": card.mpp}
+    config = SegmentConfig(
+        checkpoint=checkpoint, tile=tile, overlap=overlap, device=device, subpixel=subpixel
+    )
+    result: dict = {
+        "benchmark": "accuracy",
+        "checkpoint": checkpoint,
+        "mpp": card.mpp,
+        "subpixel": subpixel,
+    }
     for split in splits:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -69,6 +77,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cells", type=int, help="mosaic cells per side (default: all images)")
+    parser.add_argument("--subpixel", action="store_true", help="sub-pixel outlines in segment")
     args = parser.parse_args()
 
     import ray
@@ -83,6 +92,7 @@ def main() -> None:
         overlap=args.overlap,
         device=args.device,
         cells=args.cells,
+        subpixel=args.subpixel,
     )
     print(json.dumps(result))
 

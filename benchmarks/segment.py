@@ -6,7 +6,11 @@ Prints one JSON line. In the same run, on the same slide and tissue tiles:
 * ``predictor_tiles_per_s``: the predictor alone, in this process, on tiles already in memory;
 * ``end_to_end_tiles_per_s``: the whole segment job (read → predict → post-process → GeoJSON);
 * ``ratio_e2e_vs_predictor``: how busy the job keeps the predictor (target ≥ 0.7 on a GPU host);
-* ``nuclei_per_s``, and the peak RSS of the driver and of the driver plus every Ray process.
+* ``nuclei_per_s``, and the peak RSS of the driver and of the driver plus every Ray process;
+* ``profile_s``: where the job's seconds went (the slide's ``<slide>.json`` profile: planning,
+  reads, forward, instance extraction, polygons, the driver's seams and writing, summed over
+  tiles; and ``first_tile_s``, the start-up), ``cpu_busy_fraction`` (CPU seconds of the whole
+  process tree / wall / cores) and ``gpu_busy_fraction`` (forward seconds / wall, on a GPU).
 
 By default the shipped model runs; ``--random-model NAME`` times any architecture with random
 weights (its speed does not depend on them; the nuclei it finds then mean nothing). Example
@@ -36,26 +40,35 @@ from wsi_pipeline.segment.job import plan_slide, read_tile, segment_slides
 from wsi_pipeline.segment.predictor import Predictor
 
 
-def _tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants (Linux /proc)."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
+def _tree(root: int) -> list[list[str]]:
+    """The /proc/<pid>/stat fields (after the command name) of ``root`` and its descendants."""
+    stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            rss[int(entry)] = int(stat.rsplit(")", 1)[1].split()[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
+        if entry.isdigit():
+            try:
+                stats[int(entry)] = (
+                    Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                )
+            except (OSError, IndexError):
+                continue
     family, frontier = {root}, [root]
     while frontier:
         parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in family]
+        children = [p for p, s in stats.items() if int(s[1]) == parent and p not in family]
         family.update(children)
         frontier.extend(children)
-    return sum(rss.get(pid, 0) for pid in family)
+    return [stats[p] for p in family if p in stats]
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system, children waited for included) of a process tree."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(sum(int(s[i]) for i in (11, 12, 13, 14)) for s in _tree(root)) / ticks
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and all its descendants (Linux /proc)."""
+    return sum(int(s[21]) for s in _tree(root)) * os.sysconf("SC_PAGE_SIZE")
 
 
 class PeakRss(threading.Thread):
@@ -133,9 +146,20 @@ def main() -> None:
 
         sampler = PeakRss()
         sampler.start()
+        cpu_start = tree_cpu_seconds(os.getpid())
         start = time.perf_counter()
         (outcome,) = segment_slides([slide], str(Path(tmp) / "out"), config)
         seconds = time.perf_counter() - start
+        cpu = tree_cpu_seconds(os.getpid()) - cpu_start
+        profile = json.loads(Path(outcome.geojson.replace(".geojson.gz", ".json")).read_text())
+        result["profile_s"] = profile["profile"]
+        cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        result["cpu_busy_fraction"] = round(cpu / (seconds * cores), 3)
+        forward = profile["profile"]["forward_s"]
+        gpu = args.device == "cuda" or (
+            args.device == "auto" and ray.cluster_resources().get("GPU")
+        )
+        result["gpu_busy_fraction"] = round(forward / seconds, 3) if gpu else None
         result["pipeline_peak_rss_mb"] = round(sampler.stop() / 2**20, 1)
         assert outcome.status == "complete", outcome.reason
         result["end_to_end_s"] = round(seconds, 2)

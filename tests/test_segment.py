@@ -101,6 +101,9 @@ def test_oracle_segmentation_matches_truth(tmp_path: Path, slide_path: Path, mos
     assert summary["nuclei"] == len(predicted) == result.nuclei
     assert summary["model"]["mpp"] == 0.5 and summary["tissue_mm2"] > 0
     assert summary["oversize_dropped"] == result.oversize == 0  # nuclei << the 48 px overlap
+    profile = summary["profile"]
+    for stage in ("plan_s", "read_s", "instances_s", "polygons_s", "driver_s", "first_tile_s"):
+        assert 0 < profile[stage] < result.seconds * 20, (stage, profile)
     check_label_image(tmp_path / "synthetic.labels.zarr", data["features"], downsample=2.0)
     assert not list(tmp_path.glob(".tmp-*"))  # the label image was renamed into place
     # Results honour the umask (022 here), so other users of shared storage can read them.
@@ -239,6 +242,7 @@ def test_cli_batch_with_bad_slides_and_resume(
     assert rows["corrupt.svs"]["status"] == "failed" and rows["corrupt.svs"]["reason"]
     assert "no such file" in rows["missing.svs"]["reason"]
     first = read_geojson(out / "synthetic.geojson.gz")
+    assert json.loads((out / "synthetic.json").read_text())["profile"]["forward_s"] > 0
     # The untrained model finds something or nothing, but the outputs are complete and valid.
     assert first["type"] == "FeatureCollection"
     # An interrupted run leaves no summary for the slide: re-running redoes it, identically.
@@ -307,3 +311,24 @@ def test_half_precision_checkpoint_round_trip(tmp_path: Path) -> None:
     assert torch.allclose(loaded(x), model(x), atol=2e-2)
     with pytest.raises(FileNotFoundError, match="shipped models"):
         resolve_checkpoint(tmp_path / "nothing-here")
+
+
+def test_subpixel_outlines_follow_the_probability_between_pixel_centres() -> None:
+    """A disc of radius 6.3 px, its probability a smooth edge: the mask outline can only be as
+    good as the pixel grid; the probability's iso-contour recovers the true radius."""
+    from wsi_pipeline.segment.polygons import label_polygons
+
+    yy, xx = np.mgrid[0:32, 0:32] + 0.5
+    radius = 6.3
+    distance = np.hypot(xx - 16.2, yy - 15.7)
+    probability = 1 / (1 + np.exp((distance - radius) / 0.6))  # 0.5 exactly on the circle
+    labels = (probability > 0.5).astype(np.int32)
+    true_area = np.pi * radius**2
+    ((_, on_grid),) = label_polygons(labels)
+    ((_, subpixel),) = label_polygons(labels, field=probability, level=0.5)
+    assert abs(subpixel.area - true_area) < abs(on_grid.area - true_area)
+    assert abs(subpixel.area - true_area) / true_area < 0.01
+    assert subpixel.is_valid
+    # Without a field the outline is the mask's, exactly as before.
+    ((_, again),) = label_polygons(labels, field=None)
+    assert again.equals(on_grid)

@@ -187,6 +187,10 @@ class SegmentConfig(StrictModel):
     )
     tissue: TissueConfig = TissueConfig()
     simplify: float = Field(0.0, ge=0, description="polygon simplification, px at the model's mpp")
+    subpixel: bool = Field(
+        False,
+        description="outlines from the nucleus probability (sub-pixel), not the model's pixel grid",
+    )
     seam_margin: float = Field(8.0, ge=0, description="px around core edges checked for duplicates")
     gzip: bool = Field(True, description="write <slide>.geojson.gz rather than .geojson")
     labels: bool = Field(False, description="also write <slide>.labels.zarr (uint32 instances)")

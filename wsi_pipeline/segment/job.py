@@ -62,6 +62,10 @@ MPP_TOLERANCE = 0.01
 READ_CPUS = 0.5
 POSTPROCESS_CPUS = 0.5
 LABEL_SHARD_TILES = 4
+# Where a slide's seconds go: planning (tissue), reads, the model, instance extraction, polygons
+# and GeoJSON text (tasks, summed over tiles), seams and writing (the driver), and how long after
+# the job's start its first tile came back.
+PROFILE = ("plan_s", "read_s", "forward_s", "instances_s", "polygons_s", "driver_s", "first_tile_s")
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,7 @@ def read_tile(
     row: dict[str, Any], plans: dict[str, SlidePlan], mpp: float, mpp_override: float | None
 ) -> dict[str, Any]:
     """Add the tile's RGB pixels (white outside the slide) to its row."""
+    start = time.perf_counter()
     plan = plans[row["slide"]]
     tile = plan.grid.tile_at(row["col"], row["row"])
     box = tile.box
@@ -201,6 +206,7 @@ def read_tile(
         row["error"] = error_line(exc)
         image = np.full((plan.tile, plan.tile, 3), 255, dtype=np.uint8)
     row["image"] = image
+    row["read_s"] = time.perf_counter() - start
     return row
 
 
@@ -211,6 +217,7 @@ def postprocess_tile(
     simplify: float,
     seam_margin: float,
     keep_all: bool,
+    subpixel: bool = False,
 ) -> dict[str, Any]:
     """Replace a tile's probabilities by the nuclei it owns.
 
@@ -219,12 +226,15 @@ def postprocess_tile(
     :class:`SeamResolver`. With ``keep_all`` every nucleus goes the second way. ``oversize``
     counts the instances lost for being wider than the overlap.
     """
+    start = time.perf_counter()
     probs = row.pop("probs")
     row["features"], row["count"], row["seam"], row["oversize"] = "", 0, pack_nuclei([]), 0
+    row["instances_s"], row["polygons_s"] = 0.0, 0.0
     if row["error"]:
         return row
     plan = plans[row["slide"]]
     grid = plan.grid
+    clock: dict[str, float] = {}
     try:
         nuclei, row["oversize"] = tile_nuclei(
             dequantize(probs),
@@ -234,6 +244,8 @@ def postprocess_tile(
             downsample=plan.downsample,
             level0_mpp=plan.level0_mpp,
             simplify=simplify,
+            clock=clock,
+            subpixel=subpixel,
         )
     except Exception as exc:
         row["error"] = error_line(exc)
@@ -243,6 +255,8 @@ def postprocess_tile(
     row["features"] = ",\n".join(nucleus_json(n) for n in final)
     row["count"] = len(final)
     row["seam"] = pack_nuclei([n for n, seam in zip(nuclei, on_seam, strict=True) if seam])
+    row["instances_s"] = clock.get("instances", 0.0)
+    row["polygons_s"] = time.perf_counter() - start - row["instances_s"]
     return row
 
 
@@ -276,6 +290,7 @@ class SlideOutputs:
             )
             self.buckets = ShardBuckets(self.label_tmp, plan.width, plan.height, shard)
         self.pending: list[Any] = []
+        self.profile = dict.fromkeys(PROFILE, 0.0)
         self.received = 0
         self.oversize = 0
         self.errors: list[str] = []
@@ -286,12 +301,16 @@ class SlideOutputs:
         return self.received >= len(self.plan.tiles)
 
     def add(self, row: dict[str, Any]) -> None:
+        start = time.perf_counter()
         self.received += 1
         if row["error"]:
             self.errors.append(row["error"])
         self.oversize += row["oversize"]
         self.writer.write_raw(row["features"], row["count"])
         self._write(self.resolver.add((row["col"], row["row"]), unpack_nuclei(row["seam"])))
+        for key in ("read_s", "forward_s", "instances_s", "polygons_s"):
+            self.profile[key] += row.get(key, 0.0)  # a stand-in predictor may not time itself
+        self.profile["driver_s"] += time.perf_counter() - start
 
     def _write(self, nuclei: list[Any]) -> None:
         for nucleus in nuclei:
@@ -363,6 +382,8 @@ class SlideOutputs:
             else None,
             "duplicates_dropped": self.resolver.dropped,
             "oversize_dropped": self.oversize,
+            # Seconds summed over tiles per stage (CPU or device time), and the driver's own.
+            "profile": {k: round(v, 3) for k, v in self.profile.items()},
             "source_fingerprint": source_fingerprint(self.plan.path),
             "plan": asdict(self.plan.without_tiles()),
             "model": self.card.model_dump(mode="json"),
@@ -456,6 +477,7 @@ class _Batch:
 
     def __init__(self, out_dir: str, card: ModelCard, config: SegmentConfig) -> None:
         self.out_dir, self.card, self.config = out_dir, card, config
+        self.start = time.perf_counter()
         self.results: dict[str, SegmentResult] = {}
         self.writing: dict[str, SlideOutputs] = {}
         self.labelling: dict[str, SlideOutputs] = {}
@@ -469,8 +491,10 @@ class _Batch:
                 self.results[slide] = previous_result(self.out_dir, slide, self.config)
                 continue
             try:
+                start = time.perf_counter()
                 plan = plan_slide(slide, self.card, self.config)
                 self.writing[slide] = SlideOutputs(plan, self.out_dir, self.card, self.config)
+                self.writing[slide].profile["plan_s"] = time.perf_counter() - start
             except Exception as exc:  # any broken slide is a failed row, never a crash
                 self._fail(slide, error_line(exc))
                 continue
@@ -481,6 +505,8 @@ class _Batch:
 
     def add(self, row: dict[str, Any]) -> None:
         outputs = self.writing[row["slide"]]
+        if not outputs.received:  # start-up: from the job's start to this slide's first tile
+            outputs.profile["first_tile_s"] = time.perf_counter() - self.start
         try:
             outputs.add(row)
         except OSError as exc:  # e.g. a full disk: this slide fails, the batch goes on
@@ -573,6 +599,7 @@ def _graph(
                 "simplify": config.simplify,
                 "seam_margin": config.seam_margin,
                 "keep_all": config.labels,  # the label image needs every polygon on the driver
+                "subpixel": config.subpixel,
             },
             num_cpus=POSTPROCESS_CPUS,
         )

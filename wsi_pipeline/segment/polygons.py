@@ -29,10 +29,27 @@ def largest_polygon(geometry: shapely.Geometry) -> Polygon | None:
     return max(parts, key=lambda p: p.area) if parts else None
 
 
-def mask_polygon(mask: np.ndarray, *, simplify: float = 0.0) -> Polygon | None:
-    """Outline of the largest object of a boolean mask, in the mask's pixel-corner frame."""
-    padded = np.pad(mask.astype(np.uint8), 1)
-    contours = measure.find_contours(padded, 0.5)
+def mask_polygon(
+    mask: np.ndarray,
+    *,
+    simplify: float = 0.0,
+    field: np.ndarray | None = None,
+    level: float = 0.5,
+) -> Polygon | None:
+    """Outline of the largest object of a boolean mask, in the mask's pixel-corner frame.
+
+    With ``field`` (a value per pixel, e.g. the nucleus probability; 0 on other objects), the
+    outline is its ``level`` iso-contour instead of the mask's: sub-pixel where the object meets
+    background, and never crossing the mask's pixel centres (inside values are kept above
+    ``level``, outside ones below).
+    """
+    if field is None:
+        values = mask.astype(np.float32)
+    else:
+        eps = np.float32(1e-3)
+        values = np.where(mask, np.maximum(field, level + eps), np.minimum(field, level - eps))
+    padded = np.pad(values, 1)
+    contours = measure.find_contours(padded, level)
     if not contours:
         return None
     contour = max(contours, key=len)
@@ -53,6 +70,8 @@ def label_polygons(
     offset: tuple[float, float] = (0.0, 0.0),
     scale: float = 1.0,
     simplify: float = 0.0,
+    field: np.ndarray | None = None,
+    level: float = 0.5,
 ) -> Iterator[tuple[int, Polygon]]:
     """``(label, polygon)`` for each object of an instance label image.
 
@@ -61,14 +80,25 @@ def label_polygons(
         offset: level-0 position of the label image's top-left corner.
         scale: level-0 pixels per label pixel.
         simplify: Douglas-Peucker tolerance in label pixels (0: none).
+        field: sub-pixel outlines from this ``(H, W)`` field's ``level`` iso-contour (e.g. the
+            nucleus probability at its threshold; see :func:`mask_polygon`).
     """
+    height, width = labels.shape
     for index, window in enumerate(ndi.find_objects(labels), start=1):
         if window is None:
             continue
-        polygon = mask_polygon(labels[window] == index, simplify=simplify)
+        # One pixel of margin, so that a field's contour sees the background around the object.
+        y0, x0 = max(window[0].start - 1, 0), max(window[1].start - 1, 0)
+        y1, x1 = min(window[0].stop + 1, height), min(window[1].stop + 1, width)
+        local = labels[y0:y1, x0:x1]
+        mask = local == index
+        values = None
+        if field is not None:
+            values = np.where(mask | (local == 0), field[y0:y1, x0:x1], 0).astype(np.float32)
+        polygon = mask_polygon(mask, simplify=simplify, field=values, level=level)
         if polygon is None:
             continue
-        dy, dx = window[0].start, window[1].start
+        dy, dx = y0, x0
         coords = (np.asarray(polygon.exterior.coords) + (dx, dy)) * scale + offset
         yield index, Polygon(coords)
 

@@ -7,6 +7,8 @@ Probabilities travel as uint8 (1/255 steps) to keep the object store small.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -30,8 +32,10 @@ class Predictor:
         self.tta = tta
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
         images = batch.pop("image")
         batch["probs"] = quantize(self.predict(images))
+        batch["forward_s"] = np.full(len(images), (time.perf_counter() - start) / len(images))
         return batch
 
     @torch.inference_mode()

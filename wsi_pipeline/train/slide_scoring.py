@@ -102,6 +102,7 @@ def whole_slide_scores(
     """
     sources, mpp = load_sources(data, splits)
     mosaic = build_mosaic(sources, cells, seed)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     slide = str(Path(workdir) / "mosaic.tiff")
     synthetic.write_tiff(mosaic, slide, mpp=mpp, quality=quality)
     pred = segment_labels(slide, mosaic, config, str(Path(workdir) / "out"))
