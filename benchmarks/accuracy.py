@@ -24,8 +24,8 @@ import time
 
 from wsi_pipeline.checkpoint import read_card, resolve_checkpoint
 from wsi_pipeline.config import SegmentConfig
+from wsi_pipeline.slide_scoring import load_sources, oracle_ceiling, whole_slide_scores
 from wsi_pipeline.train.evaluation import SCORES, evaluate_checkpoint
-from wsi_pipeline.train.slide_scoring import load_sources, oracle_ceiling, whole_slide_scores
 
 
 def measure(

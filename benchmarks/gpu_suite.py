@@ -33,10 +33,10 @@ import numpy as np
 from wsi_pipeline.checkpoint import load_checkpoint, save_checkpoint
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.models import list_models
+from wsi_pipeline.slide_scoring import whole_slide_scores
 from wsi_pipeline.train.config import TrainConfig, load_train_config
 from wsi_pipeline.train.evaluation import SCORES, evaluate_checkpoint
 from wsi_pipeline.train.ingest import ingest_folder
-from wsi_pipeline.train.slide_scoring import whole_slide_scores
 from wsi_pipeline.train.trainer import run_training
 from wsi_pipeline.train.tuning import tune_checkpoint
 

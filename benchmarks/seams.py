@@ -43,10 +43,10 @@ from wsi_pipeline.checkpoint import (
 )
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.forward import choose_device
+from wsi_pipeline.slide_scoring import build_mosaic, load_sources, score_cells, segment_labels
 from wsi_pipeline.slides.slide import open_slide
 from wsi_pipeline.slides.tiling import Box
 from wsi_pipeline.train.evaluation import predict_instances
-from wsi_pipeline.train.slide_scoring import build_mosaic, load_sources, score_cells, segment_labels
 
 
 def evaluate_labels(

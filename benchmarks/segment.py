@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--predictor-threads", type=int, help="a CPU predictor's threads")
     parser.add_argument(
         "--e2e-only", action="store_true", help="skip the read-only and predictor-only passes"
     )
@@ -131,6 +132,7 @@ def main() -> None:
             overlap=args.overlap,
             batch_size=args.batch_size,
             device=args.device,
+            predictor_threads=args.predictor_threads,
         )
         card = read_card(checkpoint)
         plan = plan_slide(slide, card, config)

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from test_datasets import write_folder_dataset
 
-from wsi_pipeline.train.slide_scoring import build_mosaic, load_sources, oracle_ceiling
+from wsi_pipeline.slide_scoring import build_mosaic, load_sources, oracle_ceiling
 
 
 def test_oracle_ceiling_is_what_the_pixel_grid_costs() -> None:

@@ -155,13 +155,15 @@ def test_dockerfile_runs_as_non_root_and_copies_only_the_project() -> None:
         for src in shlex.split(line)[:-1]
         if not src.startswith("--")
     }
-    assert sources == {"pyproject.toml", "README.md", "wsi_pipeline", "jobs", "configs"}
+    project = {"pyproject.toml", "README.md", "wsi_pipeline", "jobs", "configs"}
+    assert sources == project | {"infra/constraints.txt"}
     ignore = [
         line.strip()
         for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert ignore[0] == "*"  # an allow-list build context
+    assert {f"!{source}" for source in sources} <= set(ignore)
 
 
 def test_no_secrets_in_image_or_manifests() -> None:
@@ -275,3 +277,22 @@ def test_network_policy_lets_only_submitters_reach_the_head() -> None:
     jobs = {m["metadata"]["name"] for m in manifests().values() if m["kind"] == "RayJob"}
     selector = submitters["from"][0]["podSelector"]["matchExpressions"][0]
     assert set(selector["values"]) == jobs
+
+
+def test_image_is_reproducible_base_by_digest_and_dependencies_pinned() -> None:
+    text = (INFRA / "Dockerfile").read_text()
+    args = dockerfile_args()
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", args["BASE_DIGEST"])
+    assert re.search(r"^FROM \S+@\$\{BASE_DIGEST\}", text, re.MULTILINE)
+    assert text.count("-c /tmp/constraints.txt") == 2  # ray and the package
+    pins = dict(
+        line.split("==")
+        for line in (INFRA / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    for spec in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(spec.split("#")[0])
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in infra/constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+    assert pins["torch"] == args["TORCH_VERSION"] and pins["ray"] == args["RAY_VERSION"]

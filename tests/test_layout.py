@@ -202,3 +202,17 @@ def test_url_outputs_are_refused_in_one_line_before_any_work(
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2
     assert len(err) == 1 and "URL outputs are not supported" in err[0]
+
+
+def test_processes_that_run_no_model_import_no_torch() -> None:
+    """The segment job's read and post-process tasks, and the command line, import what they
+    run without torch (hundreds of MB per Ray worker process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wsi_pipeline.segment.job, wsi_pipeline.cli.main, wsi_pipeline.slides.tile_job;"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"

@@ -6,7 +6,9 @@
   model.json    the model card (:class:`ModelCard`): everything needed to rebuild and use it
 ```
 
-Loading needs neither Ray nor the training code, and never unpickles arbitrary objects.
+Loading needs neither Ray nor the training code, and never unpickles arbitrary objects. The
+card side (reading and resolving) does not import torch, so processes that run no model (slide
+reads, post-processing) stay small.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from wsi_pipeline import __version__
 from wsi_pipeline.batch import error_line
-from wsi_pipeline.models.registry import load_weights, strip_wrappers
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 WEIGHTS = "model.pt"
 CARD = "model.json"
@@ -103,6 +106,10 @@ def save_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {}
+    import torch
+
+    from wsi_pipeline.models.registry import strip_wrappers
+
     for key, value in strip_wrappers(model.state_dict()).items():
         value = value.detach().cpu()
         state[key] = value.half() if half and value.is_floating_point() else value
@@ -125,6 +132,8 @@ def load_checkpoint(
     checkpoint: str | Path | None, *, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, ModelCard]:
     """The model (eval mode, on ``device``) and card of a checkpoint (see :func:`read_card`)."""
+    from wsi_pipeline.models.registry import load_weights
+
     path = resolve_checkpoint(checkpoint)
     card = read_card(path)
     model = build_model(card)

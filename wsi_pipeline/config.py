@@ -181,6 +181,9 @@ class SegmentConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
     predictors: int | None = Field(None, ge=1, description="predictor actors (default: GPUs or 1)")
     cpus_per_predictor: float = Field(1.0, gt=0)
+    predictor_threads: int | None = Field(
+        None, ge=1, description="a CPU predictor's threads (default: all cores of its node)"
+    )
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
     mpp_override: float | None = Field(
         None, gt=0, description="level-0 µm/px, if the slide lacks it"

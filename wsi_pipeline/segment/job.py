@@ -40,8 +40,13 @@ from wsi_pipeline.config import ConfigError, SegmentConfig, save_config
 from wsi_pipeline.progress import Progress
 from wsi_pipeline.segment.geojson import FeatureWriter
 from wsi_pipeline.segment.label_store import ShardBuckets, create_label_store, write_label_shard
-from wsi_pipeline.segment.nuclei import nucleus_json, pack_nuclei, tile_nuclei, unpack_nuclei
-from wsi_pipeline.segment.predictor import Predictor, dequantize
+from wsi_pipeline.segment.nuclei import (
+    dequantize,
+    nucleus_json,
+    pack_nuclei,
+    tile_nuclei,
+    unpack_nuclei,
+)
 from wsi_pipeline.segment.stitching import SeamResolver, seam_neighbours
 from wsi_pipeline.slides.image_store import COMPLETE as STORE_COMPLETE
 from wsi_pipeline.slides.image_store import is_complete as is_store_complete
@@ -440,7 +445,7 @@ def segment_slides(
     out_dir: str,
     config: SegmentConfig,
     *,
-    predictor: type = Predictor,
+    predictor: type | None = None,
 ) -> list[SegmentResult]:
     """Segment every slide into ``out_dir``; one result per slide, in input order.
 
@@ -448,8 +453,11 @@ def segment_slides(
         slides: slide paths/URLs or tiling stores (``*.ome.zarr``).
         out_dir: local output directory; ``segment-config.yaml`` there records what ran.
         config: the job's configuration (no ``checkpoint``: the shipped default model).
-        predictor: the callable class that turns tile batches into probabilities.
+        predictor: the callable class that turns tile batches into probabilities (default:
+            :class:`~wsi_pipeline.segment.predictor.Predictor`).
     """
+    if predictor is None:  # imported here: the job's CPU tasks run no model and need no torch
+        from wsi_pipeline.segment.predictor import Predictor as predictor
     config = prepare_config(config)
     card = read_card(config.checkpoint)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -573,7 +581,12 @@ def _graph(
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
     size = config.predictors or (max(int(gpus), 1) if use_gpu else 1)
-    predictor_kwargs = {"checkpoint": config.checkpoint, "device": config.device, "tta": config.tta}
+    predictor_kwargs = {
+        "checkpoint": config.checkpoint,
+        "device": config.device,
+        "tta": config.tta,
+        "threads": config.predictor_threads,
+    }
     return (
         ray.data.from_items(rows, override_num_blocks=min(len(rows), 4096))
         # Reads are light (decode + resize). Their resources differ from the predictor's, so Ray

@@ -2,11 +2,13 @@
 
 It loads a checkpoint once per actor and runs on the GPU when there is one (bf16 autocast,
 ``channels_last``) and on the CPU otherwise, with the same code (:mod:`wsi_pipeline.forward`).
-Probabilities travel as uint8 (1/255 steps) to keep the object store small.
+Probabilities travel as uint8 (:func:`~wsi_pipeline.segment.nuclei.quantize`), to keep the
+object store small.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 
 from wsi_pipeline.checkpoint import load_checkpoint
 from wsi_pipeline.forward import choose_device, forward, probabilities
+from wsi_pipeline.segment.nuclei import quantize
 
 
 class Predictor:
@@ -23,10 +26,22 @@ class Predictor:
         checkpoint: checkpoint directory or shipped model name (see :mod:`wsi_pipeline.checkpoint`).
         device: ``"auto"`` (CUDA if available), ``"cuda"`` or ``"cpu"``.
         tta: average over horizontal and vertical flips (3x the compute).
+        threads: intra-op threads on a CPU (default: every core this process may use). Ray
+            sets one thread per logical CPU an actor asks for; on a CPU host the model is the
+            bottleneck and reads and post-processing leave cores idle between its batches.
     """
 
-    def __init__(self, checkpoint: str, *, device: str = "auto", tta: bool = False) -> None:
+    def __init__(
+        self,
+        checkpoint: str,
+        *,
+        device: str = "auto",
+        tta: bool = False,
+        threads: int | None = None,
+    ) -> None:
         self.device = choose_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         model, self.card = load_checkpoint(checkpoint, device=self.device)
         self.model = model.to(memory_format=torch.channels_last)
         self.tta = tta
@@ -51,11 +66,3 @@ class Predictor:
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         autocast = self.device.type == "cuda"
         return probabilities(forward(self.model, x, self.card.normalization, autocast=autocast))
-
-
-def quantize(probs: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(probs * 255), 0, 255).astype(np.uint8)
-
-
-def dequantize(probs: np.ndarray) -> np.ndarray:
-    return probs.astype(np.float32) / 255

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The segment job's GPU figures in one run (≤ 5 minutes on a 16-core GPU host), into $OUT:
+#   1. the 40000² px MoNuSeg mosaic at 0.25 µm/px, written once (~2 minutes on 16 cores);
+#   2. benchmarks/segment.py on it with the shipped default: end to end, the predictor alone,
+#      reads alone, the profile of where the seconds go, CPU/GPU busy, memory;
+#   3. benchmarks/scaling.py with 1, 2 and 4 simulated CPU nodes beside one GPU node.
+# Each step prints one JSON line (also kept in $OUT/*.json). Dry run on a CPU machine:
+#   SIZE=8192 NODES="1 2" CPUS=1 DEVICE=cpu OUT=/tmp/perf bash benchmarks/gpu_perf.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-perf}
+DATA=${DATA:-../shared/data}
+SIZE=${SIZE:-40000}
+NODES=${NODES:-1 2 4}
+CPUS=${CPUS:-3}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+slide="$OUT/mosaic-$SIZE.tiff"
+[ -f "$slide" ] || wsi-pipeline synth-slide --tiles "$DATA/monuseg_train" \
+    --size "${SIZE}x${SIZE}" --mpp 0.25 --out "$slide" --truth "$OUT/mosaic-$SIZE.truth.geojson.gz"
+python benchmarks/segment.py --slide "$slide" --device "$DEVICE" --batch-size 32 \
+    | tee "$OUT/segment.json"
+# shellcheck disable=SC2086
+python benchmarks/scaling.py --nodes $NODES --cpus-per-node "$CPUS" --device "$DEVICE" \
+    | tee "$OUT/scaling.json"
