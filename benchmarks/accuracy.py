@@ -11,6 +11,9 @@ Prints one JSON line. For each split of a folder dataset (by default MoNuSeg's
 * ``ratio_whole_slide_vs_evaluate``: what the slide path (JPEG pyramid reads, tiles, polygons)
   costs against scoring the images directly.
 
+``--pixel-grid`` traces the job's outlines on the model's pixel grid instead of the nucleus
+probability (``segment --set subpixel=false``).
+
     python benchmarks/accuracy.py --checkpoint nuclei-unet16
     python benchmarks/accuracy.py --checkpoint runs/x/best --splits test_other_organ
 """
@@ -37,7 +40,7 @@ def measure(
     overlap: int = 64,
     device: str = "auto",
     cells: int | None = None,
-    subpixel: bool = False,
+    subpixel: bool = True,
 ) -> dict:
     """Score ``checkpoint`` on each split three ways (Ray must be initialised)."""
     checkpoint = str(resolve_checkpoint(checkpoint))
@@ -77,7 +80,9 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cells", type=int, help="mosaic cells per side (default: all images)")
-    parser.add_argument("--subpixel", action="store_true", help="sub-pixel outlines in segment")
+    parser.add_argument(
+        "--pixel-grid", action="store_true", help="outlines on the model's pixel grid"
+    )
     args = parser.parse_args()
 
     import ray
@@ -92,7 +97,7 @@ def main() -> None:
         overlap=args.overlap,
         device=args.device,
         cells=args.cells,
-        subpixel=args.subpixel,
+        subpixel=not args.pixel_grid,
     )
     print(json.dumps(result))
 

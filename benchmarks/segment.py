@@ -5,7 +5,8 @@ Prints one JSON line. In the same run, on the same slide and tissue tiles:
 * ``read_tiles_per_s``: the Ray Data read stage alone (slide → RGB tiles);
 * ``predictor_tiles_per_s``: the predictor alone, in this process, on tiles already in memory;
 * ``end_to_end_tiles_per_s``: the whole segment job (read → predict → post-process → GeoJSON);
-* ``ratio_e2e_vs_predictor``: how busy the job keeps the predictor (target ≥ 0.7 on a GPU host);
+* ``ratio_e2e_vs_predictor``: how busy the job keeps the predictor (target ≥ 0.7 on a GPU host),
+  and ``ratio_steady_vs_predictor``, the same once the first tile is back (start-up excluded);
 * ``nuclei_per_s``, and the peak RSS of the driver and of the driver plus every Ray process;
 * ``profile_s``: where the job's seconds went (the slide's ``<slide>.json`` profile: planning,
   reads, forward, instance extraction, polygons, the driver's seams and writing, summed over
@@ -198,9 +199,13 @@ def main() -> None:
             result["device"] = str(predictor.device)
             del images, predictor
 
+            predictor_rate = float(result["predictor_tiles_per_s"])
             result["ratio_e2e_vs_predictor"] = round(
-                float(result["end_to_end_tiles_per_s"]) / float(result["predictor_tiles_per_s"]), 3
+                float(result["end_to_end_tiles_per_s"]) / predictor_rate, 3
             )
+            # After start-up: the tiles that came back after the first, over the time they took.
+            steady = (outcome.tiles - 1) / (seconds - profile["profile"]["first_tile_s"])
+            result["ratio_steady_vs_predictor"] = round(steady / predictor_rate, 3)
     print(json.dumps(result))
 
 

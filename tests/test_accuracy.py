@@ -31,6 +31,12 @@ def test_mosaic_holds_every_split_image_size(tmp_path: Path) -> None:
     assert len(sources) == 4 and mpp == 0.5
     mosaic = build_mosaic(sources)
     assert mosaic.width == mosaic.height == 2 * 96
+    # Images of another mpp (MoNuSeg's vary by 2 %) are resampled to the median: one slide mpp.
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["items"][0]["mpp"] = 0.55
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    sources, mpp = load_sources(data, ["a"])
+    assert mpp == 0.5 and sources[0][0].shape[:2] == sources[0][1].shape == (106, 106)
 
 
 @pytest.mark.slow

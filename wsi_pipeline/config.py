@@ -191,7 +191,7 @@ class SegmentConfig(StrictModel):
     tissue: TissueConfig = TissueConfig()
     simplify: float = Field(0.0, ge=0, description="polygon simplification, px at the model's mpp")
     subpixel: bool = Field(
-        False,
+        True,
         description="outlines from the nucleus probability (sub-pixel), not the model's pixel grid",
     )
     seam_margin: float = Field(8.0, ge=0, description="px around core edges checked for duplicates")

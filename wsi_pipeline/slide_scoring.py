@@ -9,6 +9,7 @@ back at pixel centres and scored cell by cell, as ``evaluate`` scores image by i
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +23,26 @@ from wsi_pipeline.segment.label_store import rasterize_shard
 from wsi_pipeline.slides.tiling import Box
 from wsi_pipeline.train.evaluation import SCORES, scored_entries
 from wsi_pipeline.train.ingest import read_entry
-from wsi_pipeline.train.store import resize_labels, resized_shape
+from wsi_pipeline.train.store import resample, resize_labels, resized_shape
 
 
 def load_sources(
     data: str | Path, splits: list[str] | None
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], float]:
-    """The images of ``splits`` of a folder dataset and their common µm/px."""
+    """The images of ``splits`` of a folder dataset at one µm/px (the median of theirs), and it.
+
+    Images recorded at another mpp (MoNuSeg's range from 0.2468 to 0.2527) are resampled to it:
+    a slide has one resolution.
+    """
     entries = scored_entries(data, splits=splits or None)
-    mpps = {e.mpp for e in entries}
-    if len(mpps) != 1:
-        raise ValueError(f"{data}: need images of one mpp in {splits}, got {sorted(mpps)}")
-    return [read_entry(e) for e in entries], float(mpps.pop())  # type: ignore[arg-type]
+    mpp = float(statistics.median(float(e.mpp) for e in entries))  # type: ignore[arg-type]
+    sources = []
+    for entry in entries:
+        rgb, labels = read_entry(entry)
+        if abs(float(entry.mpp) / mpp - 1) > 1e-3:  # type: ignore[arg-type]
+            rgb, labels = resample(rgb, labels, float(entry.mpp) / mpp)  # type: ignore[arg-type]
+        sources.append((rgb, labels))
+    return sources, mpp
 
 
 def build_mosaic(
