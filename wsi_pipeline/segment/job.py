@@ -581,12 +581,13 @@ def _graph(
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
     size = config.predictors or (max(int(gpus), 1) if use_gpu else 1)
-    predictor_kwargs = {
+    predictor_kwargs: dict[str, Any] = {
         "checkpoint": config.checkpoint,
         "device": config.device,
         "tta": config.tta,
-        "threads": config.predictor_threads,
     }
+    if config.predictor_threads:  # only then: a stand-in predictor need not take the option
+        predictor_kwargs["threads"] = config.predictor_threads
     return (
         ray.data.from_items(rows, override_num_blocks=min(len(rows), 4096))
         # Reads are light (decode + resize). Their resources differ from the predictor's, so Ray

@@ -87,10 +87,13 @@ def tile_nuclei(
     if not keep:
         return [], oversize
     mean_prob = mean_class_probability(labels, probs)
-    labels = np.where(np.isin(labels, keep), labels, 0)
+    owned = np.isin(labels, keep)
+    field = None
+    if subpixel:  # instances this tile does not own are another nucleus, not background: 0
+        field = np.where(owned | (labels == 0), foreground_probability(probs), 0)
+    labels = np.where(owned, labels, 0)
     offset = (tile.box.x0 * downsample, tile.box.y0 * downsample)
     first_label = (tile.row * grid.cols + tile.col) * LABELS_PER_TILE
-    field = foreground_probability(probs) if subpixel else None
     polygons = label_polygons(
         labels,
         offset=offset,
