@@ -13,6 +13,9 @@ from wsi_pipeline import synthetic
 # The tests control their Ray fully: a RAY_ADDRESS in the environment (a stray or a user's
 # cluster) must neither break them nor receive their jobs.
 os.environ.pop("RAY_ADDRESS", None)
+# A loaded 2-core machine starts Ray Train worker groups slowly: give them time instead of
+# failing the run (Ray's processes inherit this environment).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("WSI_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -23,6 +23,7 @@ from PIL import Image
 from shapely import affinity
 from shapely.geometry import Polygon
 
+from wsi_pipeline.progress import Progress
 from wsi_pipeline.segment.geojson import FeatureWriter, nucleus_feature
 from wsi_pipeline.segment.polygons import label_polygons, largest_polygon
 from wsi_pipeline.slides.image_store import downsample2
@@ -291,12 +292,15 @@ def write_tiff(slide: MosaicSlide, path: str | Path, *, mpp: float, quality: int
     OpenSlide (generic-tiff) and tiffslide both read the pyramid and its µm/px. Memory stays at
     one tile per level.
     """
+    grids = [ShardGrid(*slide.level_size(level), TIFF_TILE) for level in range(slide.levels)]
+    total = sum(grid.cols * grid.rows for grid in grids)
+    tiles = Progress(total, f"synth-slide {slide.width}x{slide.height}", unit="tiles")
     with tifffile.TiffWriter(path, bigtiff=True) as tiff:
         for level in range(slide.levels):
             w, h = slide.level_size(level)
             level_mpp = mpp * 2**level
             tiff.write(
-                _level_tiles(slide, level),
+                _level_tiles(slide, level, tiles),
                 shape=(h, w, 3),
                 dtype=np.uint8,
                 tile=(TIFF_TILE, TIFF_TILE),
@@ -311,12 +315,13 @@ def write_tiff(slide: MosaicSlide, path: str | Path, *, mpp: float, quality: int
             )
 
 
-def _level_tiles(slide: MosaicSlide, level: int) -> Iterator[np.ndarray]:
+def _level_tiles(slide: MosaicSlide, level: int, tiles: Progress) -> Iterator[np.ndarray]:
     w, h = slide.level_size(level)
     grid = ShardGrid(w, h, TIFF_TILE)
     for col, row in grid:
         x0, y0 = col * TIFF_TILE, row * TIFF_TILE
         yield slide.render(Box(x0, y0, x0 + TIFF_TILE, y0 + TIFF_TILE), level)
+        tiles.update()
 
 
 def write_truth(slide: MosaicSlide, path: str | Path) -> int:

@@ -222,9 +222,12 @@ class _Worker:
             if self.callback is not None:
                 self.callback(epoch=epoch, step=step - 1, rank=self.rank)
             if self.rank == 0 and step % config.log_every == 0:
-                rate = step * config.data.batch_size * self.world / (time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                rate = step * config.data.batch_size * self.world / elapsed
+                left = (config.epochs - epoch - 1) * self.steps + self.steps - step
                 logger.info(
-                    "epoch %d/%d step %d/%d loss %.4f lr %.2e %.1f crops/s",
+                    "epoch %d/%d step %d/%d loss %.4f lr %.2e %.1f crops/s, ETA %.0f s "
+                    "(training steps only)",
                     epoch + 1,
                     config.epochs,
                     step,
@@ -232,6 +235,7 @@ class _Worker:
                     loss_sum / step,
                     self.scheduler.get_last_lr()[0],
                     rate,
+                    left * elapsed / step,
                 )
         return loss_sum, step
 
