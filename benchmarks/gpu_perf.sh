@@ -5,7 +5,9 @@
 #      reads alone, the profile of where the seconds go, CPU/GPU busy, memory;
 #   3. benchmarks/scaling.py with 1, 2 and 4 simulated CPU nodes beside one GPU node.
 # Each step prints one JSON line (also kept in $OUT/*.json). Dry run on a CPU machine:
-#   SIZE=8192 NODES="1 2" CPUS=1 DEVICE=cpu OUT=/tmp/perf bash benchmarks/gpu_perf.sh
+#   SIZE=4096 NODES="1" CPUS=1 DEVICE=cpu OUT=/tmp/perf \
+#   SCALING_ARGS="--size 4096 --small-size 2048 --tile 256 --overlap 32 --base-channels 4" \
+#   bash benchmarks/gpu_perf.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-perf}
@@ -22,4 +24,4 @@ python benchmarks/segment.py --slide "$slide" --device "$DEVICE" --batch-size 32
     | tee "$OUT/segment.json"
 # shellcheck disable=SC2086
 python benchmarks/scaling.py --nodes $NODES --cpus-per-node "$CPUS" --device "$DEVICE" \
-    | tee "$OUT/scaling.json"
+    ${SCALING_ARGS:-} | tee "$OUT/scaling.json"
