@@ -30,7 +30,7 @@ from wsi_pipeline.train import ingest
 from wsi_pipeline.train import store as datasets
 from wsi_pipeline.train.config import TrainConfig, load_train_config
 from wsi_pipeline.train.loop import base_card, make_optimizer
-from wsi_pipeline.train.losses import create_loss
+from wsi_pipeline.train.losses import create_target_loss
 from wsi_pipeline.train.trainer import training_crops
 
 
@@ -74,7 +74,8 @@ def training_rate(
     if autocast:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(config.optimizer, model.parameters())
-    loss_fn = create_loss(config.loss, **config.loss_kwargs).to(device)
+    loss_fn = create_target_loss(config.loss, config.data.target_mode, **config.loss_kwargs)
+    loss_fn = loss_fn.to(device)
     size, batch = config.data.input_size, config.data.batch_size
     images = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8, device=device)
     target = torch.randint(0, config.num_classes, (batch, size, size), device=device)

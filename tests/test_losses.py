@@ -125,3 +125,28 @@ def test_lovasz_on_hard_predictions_is_one_minus_mean_iou() -> None:
     # IoU: class 0 = 1/3, class 1 = 2/3, class 2 = 1/2.
     expected = 1 - (1 / 3 + 2 / 3 + 1 / 2) / 3
     assert lovasz_softmax_flat(probs, target).item() == pytest.approx(expected)
+
+
+def test_distance_loss_adds_the_regression_to_the_class_loss() -> None:
+    from wsi_pipeline.forward import probabilities
+    from wsi_pipeline.train.losses import DistanceLoss, create_target_loss
+
+    classes = make_target(3)
+    distance = torch.zeros_like(classes)
+    distance[:, 5:10, 6:11] = 255
+    target = torch.stack([classes, distance], dim=1)  # (N, 2, H, W)
+    loss = create_target_loss("ce_dice", "distance")
+    assert isinstance(loss, DistanceLoss)
+    assert not isinstance(create_target_loss("ce_dice", "3class"), DistanceLoss)
+    class_logits = perfect_logits(classes, 3)
+    good = torch.cat([class_logits, (distance.float() / 255 * 40 - 20).unsqueeze(1)], dim=1)
+    bad = torch.cat([class_logits, (20 - distance.float() / 255 * 40).unsqueeze(1)], dim=1)
+    assert loss(good, target).item() < 0.02 < 5 < loss(bad, target).item()
+    logits = torch.randn(2, 4, 16, 16, requires_grad=True)
+    loss(logits, target).backward()
+    assert logits.grad is not None and (logits.grad[:, 3].abs().sum() > 0)
+    probs = probabilities(good, "distance")
+    torch.testing.assert_close(probs[:, :3].sum(dim=1), torch.ones(2, 16, 16))
+    assert probs[:, 3].max() > 0.99 and probs[:, 3].min() < 0.01
+    with pytest.raises(ValueError, match="N,2,H,W"):
+        loss(logits, classes)

@@ -69,3 +69,33 @@ def test_one_hot() -> None:
     np.testing.assert_array_equal(encoded.sum(0), 1.0)
     with pytest.raises(ValueError):
         one_hot(target, 2)
+
+
+def test_distance_target_peaks_at_each_centre_and_keeps_touching_centres_apart() -> None:
+    labels = np.zeros((5, 8), dtype=np.uint16)
+    labels[1:4, 1:4] = 1
+    labels[1:4, 4:7] = 2
+    target = make_target(labels, "distance")
+    assert target.shape == (2, 5, 8) and target.dtype == np.uint8
+    np.testing.assert_array_equal(target[0], make_target(labels))
+    expected = np.zeros((5, 8), dtype=np.uint8)
+    expected[2, 2] = expected[2, 5] = 255  # the one interior pixel of each square
+    np.testing.assert_array_equal(target[1], expected)
+    assert num_classes("distance") == 4
+
+
+def test_distance_is_normalised_per_nucleus_and_the_border_is_no_edge() -> None:
+    yy, xx = np.mgrid[:40, :60]
+    labels = np.zeros((40, 60), dtype=np.int32)
+    labels[np.hypot(yy - 20, xx - 15) <= 10] = 1  # a large disk
+    labels[np.hypot(yy - 20, xx - 45) <= 4] = 2  # a small one
+    labels[:6, 25:35] = 3  # cut by the top edge
+    distance = make_target(labels, "distance")[1]
+    for label in (1, 2, 3):
+        assert distance[labels == label].max() == 255
+    assert (distance[labels == 0] == 0).all()
+    assert distance[20, 15] == 255 and distance[20, 45] == 255
+    # The cut nucleus is deepest at the image border, not half-way to it.
+    assert distance[0, 30] == 255
+    # Centres are above half; the edges of the big disk are below.
+    assert distance[20, 6] < 128 < distance[20, 12]

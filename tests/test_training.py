@@ -247,3 +247,25 @@ def test_ema_checkpoints_hold_the_averaged_weights_and_resume(store: str, tmp_pa
     assert any(not torch.equal(raw[k].float(), averaged[k].float()) for k in raw)
     again = run_training(tiny_config(ema_decay=0.9, epochs=2), store, out)
     assert again["last_epoch"] == 1 and first.training["epoch"] == 0
+
+
+def test_distance_mode_trains_tunes_and_segments(
+    store: str, tmp_path: Path, slide_path: Path
+) -> None:
+    """The distance target mode as a user meets it: train, tune, then segment a slide."""
+    smoke = str(REPO / "configs" / "train" / "smoke.yaml")
+    out = tmp_path / "distance"
+    argv = ["train", "--config", smoke, "--data", store, "--out", str(out)]
+    assert main([*argv, "--set", "data.target_mode=distance", "--set", "epochs=1"]) == 0
+    card = read_card(out / "best")
+    assert (card.target_mode, card.num_classes) == ("distance", 4)
+    model, _ = load_checkpoint(out / "best")
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+    data = write_folder_dataset(tmp_path / "tune", n=2, size=96)
+    assert main(["tune", "--checkpoint", str(out / "best"), "--data", str(data), "--write"]) == 0
+    assert read_card(out / "best").postprocess.distance_threshold in (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    segmented = tmp_path / "segmented"
+    argv = ["segment", str(slide_path), "--out", str(segmented), "--checkpoint", str(out / "best")]
+    assert main([*argv, "--tile", "256", "--overlap", "48"]) == 0
+    summary = json.loads((segmented / "synthetic.json").read_text())
+    assert summary["model"]["target_mode"] == "distance"

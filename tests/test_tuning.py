@@ -56,3 +56,15 @@ def test_tune_cli_writes_the_card_and_evaluate_reproduces_the_score(
     assert card.postprocess.model_dump() == result["postprocess"]
     again = evaluate_checkpoint(checkpoint, data, splits=["val"], device="cpu")
     assert round(again["aji"], 4) == result["scores"]["aji"]
+
+
+def test_the_distance_mode_tunes_its_marker_threshold() -> None:
+    """A 'model' whose distance peaks only reach 0.45: markers need a threshold below it."""
+    true = np.zeros((40, 40), dtype=np.int32)
+    true[10:20, 5:15], true[10:20, 15:25] = 1, 2
+    target = make_target(true, "distance")
+    probs = np.concatenate([one_hot(target[0], 3), target[1:] / 255 * 0.45])
+    _, missed = best_postprocess([(probs, true)], "distance", grid={"distance_threshold": (0.5,)})
+    chosen, scores = best_postprocess([(probs, true)], "distance")
+    assert chosen["interior_threshold"] == 0.5  # not searched: this mode's markers ignore it
+    assert chosen["distance_threshold"] < 0.45 and scores["aji"] > 0.9 > missed["aji"]

@@ -60,6 +60,7 @@ class PostProcess(BaseModel):
     split_touching: bool = Field(True, description="distance watershed (binary)")
     peak_min_distance: int = Field(5, ge=1, description="px between seeds (binary)")
     fill_holes: bool = Field(True, description="fill holes enclosed by one instance")
+    distance_threshold: float = Field(0.5, ge=0, le=1, description="marker seed (distance)")
 
 
 class ModelCard(BaseModel):
@@ -71,7 +72,7 @@ class ModelCard(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     in_channels: int = 3
     num_classes: int = 3
-    target_mode: Literal["3class", "binary"] = "3class"
+    target_mode: Literal["3class", "binary", "distance"] = "3class"
     mpp: float = Field(gt=0, description="µm/px the model was trained at; inference reads at it")
     normalization: Normalization = Field(default_factory=Normalization)
     postprocess: PostProcess = Field(default_factory=PostProcess)

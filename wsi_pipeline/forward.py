@@ -41,7 +41,10 @@ def forward(
         return model(x)
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Sigmoid for K = 1, softmax over the class axis otherwise (in float32)."""
+def probabilities(logits: torch.Tensor, mode: str = "3class") -> torch.Tensor:
+    """Sigmoid for K = 1, softmax over the class axis otherwise (in float32); for the
+    ``"distance"`` target mode, softmax over the three classes and sigmoid on the distance."""
     logits = logits.float()
+    if mode == "distance":
+        return torch.cat([logits[:, :3].softmax(dim=1), torch.sigmoid(logits[:, 3:])], dim=1)
     return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(dim=1)

@@ -8,6 +8,10 @@ what the slide pipeline produces.
   of ``interior > interior_threshold``; a watershed on the negative interior probability grows them
   over the foreground ``1 - p(background) > foreground_threshold``. Foreground components that hold
   no marker (nuclei whose whole area was predicted as boundary) become instances of their own.
+- ``"distance"`` (channels background / interior / boundary / distance to the nucleus edge):
+  as ``"3class"``, but the markers are the components of ``distance > distance_threshold`` and
+  the watershed runs on the negative distance; touching nuclei keep apart centres where the
+  predicted boundary band between them is too faint to separate their interiors.
 - ``"binary"`` (one sigmoid channel or two softmax channels): the foreground is thresholded and,
   with ``split_touching``, split by a watershed on its distance transform with one marker per
   distance peak; otherwise every connected component is one instance.
@@ -27,7 +31,7 @@ from skimage.segmentation import watershed
 
 logger = logging.getLogger(__name__)
 
-InstanceMode = Literal["3class", "binary"]
+InstanceMode = Literal["3class", "binary", "distance"]
 
 _FOUR = ndi.generate_binary_structure(2, 1)
 _EIGHT = ndi.generate_binary_structure(2, 2)
@@ -50,21 +54,26 @@ def instances_from_probabilities(
     split_touching: bool = True,
     peak_min_distance: int = 5,
     fill_holes: bool = True,
+    distance_threshold: float = 0.5,
 ) -> np.ndarray:
     """Instance labels from per-class probabilities of one tile.
 
     Args:
         probs: (K, H, W) softmax (or, for K = 1, sigmoid) probabilities. ``"3class"`` needs K = 3;
-            ``"binary"`` takes K = 1 or K = 2.
-        mode: ``"3class"`` or ``"binary"``, as the model was trained.
+            ``"binary"`` takes K = 1 or K = 2; ``"distance"`` K = 4 (three softmax classes and
+            the sigmoid distance).
+        mode: ``"3class"``, ``"binary"`` or ``"distance"``, as the model was trained.
         min_size: instances with fewer pixels are removed.
         interior_threshold: interior probability above which a pixel seeds a marker (``"3class"``).
         foreground_threshold: nucleus probability above which a pixel belongs to some instance.
-        marker_min_size: markers with fewer pixels are discarded as noise (``"3class"``).
+        marker_min_size: markers with fewer pixels are discarded as noise (``"3class"``,
+            ``"distance"``).
         split_touching: split touching nuclei by a distance-transform watershed (``"binary"``).
         peak_min_distance: two distance peaks closer than this many pixels seed one nucleus
             (``"binary"`` with ``split_touching``).
         fill_holes: fill background holes enclosed by a single instance.
+        distance_threshold: normalised distance above which a pixel seeds a marker
+            (``"distance"``).
 
     Returns:
         (H, W) int32 labels, 0 = background, instances 1..N.
@@ -74,6 +83,10 @@ def instances_from_probabilities(
         if probs.shape[0] != 3:
             raise ValueError(f"mode '3class' needs 3 channels, got {probs.shape[0]}")
         labels = _watershed_from_interior(probs[1], foreground, interior_threshold, marker_min_size)
+    elif mode == "distance":
+        if probs.shape[0] != 4:
+            raise ValueError(f"mode 'distance' needs 4 channels, got {probs.shape[0]}")
+        labels = _watershed_from_interior(probs[3], foreground, distance_threshold, marker_min_size)
     elif mode == "binary":
         if probs.shape[0] not in (1, 2):
             raise ValueError(f"mode 'binary' needs 1 or 2 channels, got {probs.shape[0]}")
@@ -82,7 +95,7 @@ def instances_from_probabilities(
         else:
             labels = ndi.label(foreground, structure=_FOUR)[0]
     else:
-        raise ValueError(f"unknown mode {mode!r}; valid: ['3class', 'binary']")
+        raise ValueError(f"unknown mode {mode!r}; valid: ['3class', 'binary', 'distance']")
     if fill_holes:
         labels = _fill_enclosed_holes(labels)
     return _remove_small_and_relabel(labels, min_size)

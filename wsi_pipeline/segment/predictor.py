@@ -65,4 +65,5 @@ class Predictor:
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         autocast = self.device.type == "cuda"
-        return probabilities(forward(self.model, x, self.card.normalization, autocast=autocast))
+        logits = forward(self.model, x, self.card.normalization, autocast=autocast)
+        return probabilities(logits, self.card.target_mode)

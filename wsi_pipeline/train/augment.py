@@ -293,7 +293,8 @@ def crop_batch(
     source = open_store(store)
     config = AugmentConfig(**augment)
     images = np.empty((n, size, size, 3), dtype=np.uint8)
-    targets = np.empty((n, size, size), dtype=np.uint8)
+    channels = (2,) if target_mode == "distance" else ()
+    targets = np.empty((n, *channels, size, size), dtype=np.uint8)
     for i, index in enumerate(rng.choice(len(keys), size=n, p=weights)):
         rgb, labels = sample_crop(source, keys[index], size, rng, config)
         images[i] = rgb

@@ -31,7 +31,9 @@ class ModelSection(StrictModel):
     name: str = "unet"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     num_classes: int | None = Field(
-        None, ge=1, description="output channels; default 3 (3class) or 2 (binary); 1: sigmoid"
+        None,
+        ge=1,
+        description="output channels; default 3 (3class), 2 (binary), 4 (distance); 1: sigmoid",
     )
 
     @field_validator("kwargs", mode="before")
@@ -84,7 +86,9 @@ class DataSection(StrictModel):
     val_splits: list[str] | None = Field(None, description="default: every other split")
     max_val_items: int | None = Field(None, ge=1)
     val_tile: int = Field(1024, ge=64, description="larger items are scored in tiles of this")
-    target_mode: Literal["3class", "binary"] = "3class"
+    target_mode: Literal["3class", "binary", "distance"] = Field(
+        "3class", description="3class, binary, or distance (3class + each nucleus's edge distance)"
+    )
     boundary_width: int = Field(1, ge=1)
     augment: AugmentConfig = AugmentConfig()
     loader_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data crop task")
@@ -138,6 +142,8 @@ class TrainConfig(StrictModel):
         k = self.num_classes
         if self.data.target_mode == "3class" and k != 3:
             raise ValueError(f"target_mode 3class needs 3 output classes, got {k}")
+        if self.data.target_mode == "distance" and k != 4:
+            raise ValueError(f"target_mode distance needs 4 output channels, got {k}")
         if self.data.target_mode == "binary" and k not in (1, 2):
             raise ValueError(f"target_mode binary needs 1 or 2 output classes, got {k}")
         from wsi_pipeline.models import get_model_class

@@ -80,7 +80,7 @@ def score_tiles(
     for ys in _tiles(labels.shape[0], tile):
         for xs in _tiles(labels.shape[1], tile):
             logits = predict_logits(model, rgb[ys, xs], normalization, device, autocast=autocast)
-            probs = probabilities(logits)[0].cpu().numpy()
+            probs = probabilities(logits, target_mode)[0].cpu().numpy()
             pred = instances_from_probabilities(probs, target_mode, **postprocess)
             scores = score_image(labels[ys, xs], pred)
             result = {s: float(scores[s]) for s in SCORES}
@@ -176,7 +176,7 @@ def predict_probabilities(
     logits = predict_logits(
         model, resize_image(rgb, shape), card.normalization, device, autocast=device.type == "cuda"
     )
-    return probabilities(logits)[0].cpu().numpy()
+    return probabilities(logits, card.target_mode)[0].cpu().numpy()
 
 
 def predict_instances(

@@ -34,7 +34,7 @@ from wsi_pipeline.forward import forward
 from wsi_pipeline.models.registry import strip_wrappers
 from wsi_pipeline.train.config import DataSection, OptimizerSection, TrainConfig
 from wsi_pipeline.train.evaluation import SCORES, score_tiles
-from wsi_pipeline.train.losses import create_loss
+from wsi_pipeline.train.losses import create_target_loss
 from wsi_pipeline.train.store import TrainingStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,9 @@ class _Worker:
             ema=ema,
             optimizer=optimizer,
             scheduler=scheduler,
-            loss_fn=create_loss(config.loss, **config.loss_kwargs).to(device),
+            loss_fn=create_target_loss(
+                config.loss, config.data.target_mode, **config.loss_kwargs
+            ).to(device),
             progress=progress,
             card=card,
             steps=steps,

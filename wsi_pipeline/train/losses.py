@@ -11,6 +11,10 @@ in float32 with autocast disabled, so it is safe inside a bf16 autocast region.
 | ``wce_ssim_dice`` | class-weighted CE + (1 - SSIM) + soft Dice | CASe-UNet |
 | ``lovasz`` | Lovász-Softmax (Berman et al. 2018, CVPR), classes present | LANet |
 
+For the ``"distance"`` target mode :func:`create_target_loss` wraps any of them in
+:class:`DistanceLoss`: the named loss on the three class channels plus a BCE regression of the
+fourth channel on the normalised distance.
+
 Soft Dice is computed over the whole batch per class and averaged over the foreground classes
 (1..K-1), or over all K classes with ``include_background=True``; with K = 1 it is the binary Dice
 of the single channel.
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wsi_pipeline.forward import probabilities
+from wsi_pipeline.train.targets import DISTANCE_SCALE
 
 _LOSSES: dict[str, type[nn.Module]] = {}
 LossT = TypeVar("LossT", bound=type[nn.Module])
@@ -53,6 +58,49 @@ def create_loss(name: str, **kwargs: object) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; valid: {list_losses()}") from None
     return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def create_target_loss(name: str, target_mode: str, **kwargs: object) -> nn.Module:
+    """The loss a training run of ``target_mode`` optimises: ``name``, wrapped in
+    :class:`DistanceLoss` for the ``"distance"`` mode."""
+    loss = create_loss(name, **kwargs)
+    return DistanceLoss(loss) if target_mode == "distance" else loss
+
+
+class DistanceLoss(nn.Module):
+    """A class loss on channels 0-2 plus ``distance_weight`` x BCE with logits of channel 3
+    against the (N, 2, H, W) uint8 target's distance channel / 255.
+
+    BCE, not MSE: its gradient, ``sigmoid - target``, is on the scale of the class loss's, so one
+    weight suits every loss in the registry.
+    """
+
+    def __init__(self, classes: nn.Module, distance_weight: float = 1.0) -> None:
+        super().__init__()
+        self.classes = classes
+        self.distance_weight = distance_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of logits (N, 4, H, W) against targets (N, 2, H, W): classes, distance x 255."""
+        if (
+            logits.ndim != 4
+            or logits.shape[1] != 4
+            or target.shape
+            != (
+                logits.shape[0],
+                2,
+                *logits.shape[2:],
+            )
+        ):
+            raise ValueError(
+                f"expected logits (N,4,H,W), target (N,2,H,W); got "
+                f"{tuple(logits.shape)} and {tuple(target.shape)}"
+            )
+        class_loss = self.classes(logits[:, :3], target[:, 0].long())
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            distance = target[:, 1].float() / DISTANCE_SCALE
+            regression = F.binary_cross_entropy_with_logits(logits[:, 3].float(), distance)
+        return class_loss + self.distance_weight * regression
 
 
 def class_weights_from_counts(counts: Sequence[float] | torch.Tensor) -> torch.Tensor:

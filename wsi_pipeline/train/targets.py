@@ -7,7 +7,14 @@ Two target modes share one label convention (0 = background):
   different label, so touching nuclei are separated by two boundary bands and their interiors never
   touch. The image border is not a boundary: a nucleus cut by the tile edge stays open there.
 - ``"binary"``: 0 background, 1 nucleus, the setting of the seed papers. A binary model may use one
-  output channel (sigmoid) or two (softmax); :func:`num_classes` gives the number of target classes.
+  output channel (sigmoid) or two (softmax).
+- ``"distance"``: the 3-class map plus each nucleus's distance to its own edge, normalised to 1 at
+  its centre (Naylor et al. 2018, IEEE TMI), as a (2, H, W) uint8 target: channel 0 the classes,
+  channel 1 the distance × 255. Touching nuclei meet at distance 0, so their centres stay apart
+  even where the model blurs the boundary band between them.
+
+:func:`num_classes` gives the number of model output channels a mode needs (4 for ``"distance"``:
+three softmax classes and one sigmoid distance).
 """
 
 from __future__ import annotations
@@ -17,14 +24,15 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
-TargetMode = Literal["3class", "binary"]
+TargetMode = Literal["3class", "binary", "distance"]
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
-_NUM_CLASSES: dict[str, int] = {"3class": 3, "binary": 2}
+_NUM_CLASSES: dict[str, int] = {"3class": 3, "binary": 2, "distance": 4}
+DISTANCE_SCALE = 255
 
 
 def num_classes(mode: TargetMode) -> int:
-    """Number of target classes of a mode (3 for ``"3class"``, 2 for ``"binary"``)."""
+    """Output channels a mode needs: 3 (``"3class"``), 2 (``"binary"``), 4 (``"distance"``)."""
     try:
         return _NUM_CLASSES[mode]
     except KeyError:
@@ -38,11 +46,12 @@ def make_target(
 
     Args:
         labels: (H, W) integer instance labels, 0 = background; values need not be consecutive.
-        mode: ``"3class"`` (background / interior / boundary) or ``"binary"``.
-        boundary_width: width in pixels of the boundary band inside each instance (``"3class"``).
+        mode: ``"3class"`` (background / interior / boundary), ``"binary"`` or ``"distance"``.
+        boundary_width: width in pixels of the boundary band inside each instance (``"3class"``,
+            ``"distance"``).
 
     Returns:
-        (H, W) uint8 class map.
+        (H, W) uint8 class map; for ``"distance"`` (2, H, W) uint8: classes, distance × 255.
     """
     num_classes(mode)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
@@ -54,7 +63,26 @@ def make_target(
         return foreground.astype(np.uint8)
     target = np.where(foreground, BOUNDARY, BACKGROUND).astype(np.uint8)
     target[foreground & _uniform_neighbourhood(labels, boundary_width)] = INTERIOR
+    if mode == "distance":
+        return np.stack([target, normalized_distance(labels, target == INTERIOR)])
     return target
+
+
+def normalized_distance(labels: np.ndarray, interior: np.ndarray) -> np.ndarray:
+    """(H, W) uint8: each interior pixel's distance to the nearest pixel outside the interior
+    (its own boundary band or background), divided by its instance's largest distance, × 255.
+
+    The image border is not an edge, as for the boundary band: a cut nucleus peaks at the cut.
+    """
+    distance = ndi.distance_transform_edt(interior)
+    n = int(labels.max(initial=0))
+    if n == 0:
+        return np.zeros(labels.shape, dtype=np.uint8)
+    peak = ndi.maximum(distance, labels, index=np.arange(n + 1))
+    peak = np.asarray(peak, dtype=np.float64)
+    peak[peak == 0] = 1.0
+    scaled = distance / peak[labels] * DISTANCE_SCALE
+    return np.rint(scaled).astype(np.uint8)
 
 
 def one_hot(target: np.ndarray, n_classes: int) -> np.ndarray:

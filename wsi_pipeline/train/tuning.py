@@ -1,11 +1,11 @@
 """Post-processing thresholds chosen on data, like StarDist's ``optimize_thresholds``.
 
 The model runs once per image; every point of a small grid of
-:func:`~wsi_pipeline.segment.instances.instances_from_probabilities` arguments (interior threshold,
-foreground threshold, minimum size) is then scored at the images' own resolution, exactly as
-``evaluate`` scores, and the point with the best mean ``monitor`` wins. Ties keep the earlier
-point of the grid. ``write=True`` stores the winner in the checkpoint's model card, so that
-``segment``, ``evaluate`` and validation all use it.
+:func:`~wsi_pipeline.segment.instances.instances_from_probabilities` arguments (the marker
+threshold of the model's target mode, foreground threshold, minimum size) is then scored at the
+images' own resolution, exactly as ``evaluate`` scores, and the point with the best mean
+``monitor`` wins. Ties keep the earlier point of the grid. ``write=True`` stores the winner in
+the checkpoint's model card, so that ``segment``, ``evaluate`` and validation all use it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,17 @@ GRID: dict[str, tuple[float, ...]] = {
     "foreground_threshold": (0.4, 0.5, 0.6),
     "min_size": (5, 10, 20),
 }
+# Markers of the distance mode come from the distance channel, not the interior class.
+DISTANCE_GRID: dict[str, tuple[float, ...]] = {
+    "distance_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+    "foreground_threshold": (0.4, 0.5, 0.6),
+    "min_size": (5, 10, 20),
+}
+
+
+def default_grid(mode: str) -> dict[str, tuple[float, ...]]:
+    """The grid ``tune`` searches for a model of target ``mode``."""
+    return DISTANCE_GRID if mode == "distance" else GRID
 
 
 def grid_points(grid: dict[str, Sequence[float]]) -> list[dict[str, float]]:
@@ -51,19 +62,20 @@ def best_postprocess(
     mode: str,
     *,
     base: dict[str, Any] | None = None,
-    grid: dict[str, Sequence[float]] = GRID,
+    grid: dict[str, Sequence[float]] | None = None,
     monitor: str = "aji",
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The post-processing with the best mean ``monitor`` over ``(probs, true labels)`` pairs.
 
-    Each grid point is applied on top of ``base`` (a card's post-processing; defaults if None).
+    Each point of ``grid`` (default: :func:`default_grid` of ``mode``) is applied on top of
+    ``base`` (a card's post-processing; defaults if None).
     ``probs`` is (K, h, w) at the model's resolution; the instances are resized (nearest) to the
     true labels' shape before scoring. Returns ``(full post-processing arguments, mean scores)``.
     """
     if monitor not in SCORES:
         raise ValueError(f"monitor {monitor!r} is not one of {list(SCORES)}")
     best: tuple[dict[str, Any], dict[str, float]] | None = None
-    for point in grid_points(grid):
+    for point in grid_points(default_grid(mode) if grid is None else grid):
         settings = PostProcess(**{**(base or {}), **point}).model_dump()
         scores = summarize([_score(probs, true, mode, settings) for probs, true in images])
         if best is None or scores[monitor] > best[1][monitor]:
