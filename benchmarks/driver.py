@@ -27,7 +27,7 @@ from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.segment.job import SlideOutputs, SlidePlan, postprocess_tile
-from wsi_pipeline.segment.nuclei import quantize
+from wsi_pipeline.segment.quantize import quantize
 from wsi_pipeline.slides.tiling import TileGrid
 from wsi_pipeline.train.targets import make_target, one_hot
 

@@ -161,9 +161,7 @@ def predictor_rate(slide: str, config: SegmentConfig, tiles: int) -> tuple[float
     assert config.checkpoint
     card = read_card(config.checkpoint)
     plan = plan_slide(slide, card, config)
-    plans = {slide: plan.without_tiles()}
-    rows = [{"slide": slide, "col": c, "row": r} for c, r in plan.tiles[:tiles]]
-    images = np.stack([read_tile(row, plans, card.mpp, None)["image"] for row in rows])
+    images = np.stack([read_tile(plan, c, r, card.mpp, None) for c, r in plan.tiles[:tiles]])
     predictor = Predictor(config.checkpoint, device=config.device)
     predictor.predict(images[: config.batch_size])  # warm-up
     start = time.perf_counter()

@@ -37,7 +37,7 @@ from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint, save_checkpoint
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.models import create_model
-from wsi_pipeline.segment.job import plan_slide, read_tile, segment_slides
+from wsi_pipeline.segment.job import READ_CPUS, plan_slide, read_tiles, segment_slides
 from wsi_pipeline.segment.predictor import Predictor
 
 
@@ -174,16 +174,19 @@ def main() -> None:
         )
         if not args.e2e_only:
             start = time.perf_counter()
-            ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4096))
+            blocks = max(1, -(-len(rows) // args.batch_size))
+            ds = ray.data.from_items(rows, override_num_blocks=blocks)
             images = [
                 r["image"]
-                for r in ds.map(
-                    read_tile,
+                for r in ds.map_batches(
+                    read_tiles,
                     fn_kwargs={
                         "plans": {slide: plan.without_tiles()},
                         "mpp": card.mpp,
                         "mpp_override": None,
                     },
+                    batch_size=args.batch_size,
+                    num_cpus=READ_CPUS,
                 )
                 .select_columns(["image"])
                 .iter_rows()

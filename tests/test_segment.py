@@ -26,8 +26,8 @@ from wsi_pipeline.cli.main import main
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.models import create_model
 from wsi_pipeline.segment.job import segment_slides
-from wsi_pipeline.segment.nuclei import quantize
 from wsi_pipeline.segment.polygons import rasterize
+from wsi_pipeline.segment.quantize import quantize
 from wsi_pipeline.train.targets import make_target, one_hot
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -2,7 +2,7 @@
 
 Graph, streaming end to end::
 
-    tile rows (slide, col, row) ──map(read_tile)──▶ RGB tiles (CPU tasks)
+    tile rows (slide, col, row) ──map_batches(read_tiles)──▶ RGB tiles (CPU tasks, a block each)
               ──map_batches(Predictor, ActorPoolStrategy)──▶ uint8 probabilities (GPU or CPU actors)
               ──map(postprocess_tile)──▶ owned nuclei (CPU tasks)
               ──▶ driver: SeamResolver → streaming GeoJSON writer, per slide
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -41,12 +42,12 @@ from wsi_pipeline.progress import Progress
 from wsi_pipeline.segment.geojson import FeatureWriter
 from wsi_pipeline.segment.label_store import ShardBuckets, create_label_store, write_label_shard
 from wsi_pipeline.segment.nuclei import (
-    dequantize,
     nucleus_json,
     pack_nuclei,
     tile_nuclei,
     unpack_nuclei,
 )
+from wsi_pipeline.segment.quantize import dequantize
 from wsi_pipeline.segment.stitching import SeamResolver, seam_neighbours
 from wsi_pipeline.slides.image_store import COMPLETE as STORE_COMPLETE
 from wsi_pipeline.slides.image_store import is_complete as is_store_complete
@@ -193,26 +194,47 @@ def _with_tissue_tiles(
 
 
 def read_tile(
-    row: dict[str, Any], plans: dict[str, SlidePlan], mpp: float, mpp_override: float | None
-) -> dict[str, Any]:
-    """Add the tile's RGB pixels (white outside the slide) to its row."""
-    start = time.perf_counter()
-    plan = plans[row["slide"]]
-    tile = plan.grid.tile_at(row["col"], row["row"])
-    box = tile.box
-    try:
-        if plan.source == "store":
-            image = read_store_region(plan.path, box)
-        else:
-            slide = open_slide(plan.path, plan.backend, mpp_override=mpp_override)
-            ds = plan.downsample
-            image = slide.read_region(box.x0 * ds, box.y0 * ds, box.width, box.height, mpp=mpp)
-    except Exception as exc:  # reported for the slide; the batch goes on
-        row["error"] = error_line(exc)
-        image = np.full((plan.tile, plan.tile, 3), 255, dtype=np.uint8)
-    row["image"] = image
-    row["read_s"] = time.perf_counter() - start
-    return row
+    plan: SlidePlan, col: int, row: int, mpp: float, mpp_override: float | None
+) -> np.ndarray:
+    """The RGB pixels of one tile (white outside the slide)."""
+    box = plan.grid.tile_at(col, row).box
+    if plan.source == "store":
+        return read_store_region(plan.path, box)
+    slide = open_slide(plan.path, plan.backend, mpp_override=mpp_override)  # cached per process
+    ds = plan.downsample
+    return slide.read_region(box.x0 * ds, box.y0 * ds, box.width, box.height, mpp=mpp)
+
+
+def read_tiles(
+    batch: dict[str, np.ndarray],
+    plans: dict[str, SlidePlan],
+    mpp: float,
+    mpp_override: float | None,
+) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: add the RGB pixels of each row's tile.
+
+    One task reads a block of neighbouring tiles, so Ray's per-task cost is paid per block, not
+    per tile. A tile that cannot be read is white, and its row carries the error for its slide.
+    """
+    errors = [str(e) for e in batch["error"]]
+    images, seconds = [], []
+    for i, (slide, col, row) in enumerate(
+        zip(batch["slide"], batch["col"], batch["row"], strict=True)
+    ):
+        start = time.perf_counter()
+        plan = plans[slide]
+        try:
+            images.append(read_tile(plan, int(col), int(row), mpp, mpp_override))
+        except Exception as exc:  # reported for the slide; the batch goes on
+            errors[i] = error_line(exc)
+            images.append(np.full((plan.tile, plan.tile, 3), 255, dtype=np.uint8))
+        seconds.append(time.perf_counter() - start)
+    return {
+        **batch,
+        "error": np.array(errors, dtype=object),
+        "image": np.stack(images),
+        "read_s": np.array(seconds),
+    }
 
 
 def postprocess_tile(
@@ -588,13 +610,16 @@ def _graph(
     }
     if config.predictor_threads:  # only then: a stand-in predictor need not take the option
         predictor_kwargs["threads"] = config.predictor_threads
+    # Blocks of one predictor batch of neighbouring tiles: one read task each.
+    blocks = max(1, min(math.ceil(len(rows) / config.batch_size), 4096))
     return (
-        ray.data.from_items(rows, override_num_blocks=min(len(rows), 4096))
+        ray.data.from_items(rows, override_num_blocks=blocks)
         # Reads are light (decode + resize). Their resources differ from the predictor's, so Ray
         # Data keeps them in parallel tasks instead of fusing them into the predictor actors.
-        .map(
-            read_tile,
+        .map_batches(
+            read_tiles,
             fn_kwargs={"plans": plans, "mpp": card.mpp, "mpp_override": config.mpp_override},
+            batch_size=config.batch_size,
             num_cpus=READ_CPUS,
         )
         .map_batches(

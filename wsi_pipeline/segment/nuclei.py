@@ -30,15 +30,6 @@ from wsi_pipeline.slides.tiling import Tile, TileGrid
 LABELS_PER_TILE = 2**14
 
 
-def quantize(probs: np.ndarray) -> np.ndarray:
-    """Probabilities as they travel from the predictor: uint8 in steps of 1/255."""
-    return np.clip(np.rint(probs * 255), 0, 255).astype(np.uint8)
-
-
-def dequantize(probs: np.ndarray) -> np.ndarray:
-    return probs.astype(np.float32) / 255
-
-
 def shape_measurements(polygon: Any, mpp: float) -> dict[str, float]:
     """QuPath measurements of a level-0 polygon: area µm², perimeter µm, circularity, solidity."""
     area, perimeter = polygon.area * mpp**2, polygon.length * mpp

@@ -16,7 +16,7 @@ import torch
 
 from wsi_pipeline.checkpoint import load_checkpoint
 from wsi_pipeline.forward import choose_device, forward, probabilities
-from wsi_pipeline.segment.nuclei import quantize
+from wsi_pipeline.segment.quantize import quantize
 
 
 class Predictor:
