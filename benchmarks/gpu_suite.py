@@ -42,6 +42,7 @@ from wsi_pipeline.train.tuning import tune_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "configs" / "train"
+DEFAULTS = ("default", "default-v2", "default-v3")
 SPLIT_FIELD = "kumar2017_split"
 # fp16 checkpoints up to this size are exported (a GPU host sends back files of ≤ 16 MiB).
 EXPORT_LIMIT = 16 * 2**20
@@ -88,12 +89,14 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def candidates(gpu: bool, tiny: bool, models: list[str]) -> dict[str, TrainConfig]:
     """Each candidate's training config: the architectures under the suite recipe, the default
     recipes under their own."""
+    # Crops drawn on the device: on a GPU the CPU loader, not the model, set the pace.
     device = {"gpu": gpu, "workers": 1, "cpus_per_worker": 4 if gpu else 1.0}
+    device["data"] = {"loader": "device"}
     configs = {}
     for name in models:
         recipe = merge(SUITE, {**device, "name": name, "model": {"name": name}})
         configs[name] = merge(recipe, TINY) if tiny else recipe
-    for default in ("default", "default-v2"):
+    for default in DEFAULTS:
         recipe = load_train_config(RECIPES / f"{default}.yaml").model_dump(mode="json")
         recipe = merge(recipe, {**device, "name": default})
         configs[default] = merge(recipe, TINY) if tiny else recipe

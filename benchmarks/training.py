@@ -1,13 +1,22 @@
-"""Input pipeline vs model: augmented crops/s from Ray Data alone, and training crops/s alone.
+"""Input pipelines vs model, in crops/s: each loader alone, training alone, and both together.
 
-The pipeline keeps the accelerator busy when the first is at least twice the second. Prints one
-JSON line. Examples:
+Prints one JSON line with
+
+* ``loader_crops_per_s``: the Ray Data CPU loader alone (``data.loader: ray``);
+* ``device_loader_crops_per_s``: the device loader alone (``data.loader: device``), on the
+  training device;
+* ``train_crops_per_s``: forward + backward + optimizer steps on crops already on the device;
+* ``device_train_crops_per_s``: training steps fed by the device loader, the two together, and
+  ``device_train_over_train`` (1.0: the loader costs the model nothing).
+
+A loader keeps the accelerator busy when it alone is at least twice as fast as training alone.
+Examples:
 
     python benchmarks/training.py --data train.zarr --config configs/train/unet.yaml
     python benchmarks/training.py --model unet --input-size 256 --batch-size 8   # synthetic data
 
-Without ``--data`` a synthetic training store is generated. The two are measured one after the
-other, so they do not compete for the CPUs.
+Without ``--data`` a synthetic training store is generated. The figures are measured one after
+the other, so they do not compete for the CPUs.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from wsi_pipeline.synthetic import synthetic_tile
 from wsi_pipeline.train import ingest
 from wsi_pipeline.train import store as datasets
 from wsi_pipeline.train.config import TrainConfig, load_train_config
+from wsi_pipeline.train.device_crops import DeviceCrops
 from wsi_pipeline.train.loop import base_card, make_optimizer
 from wsi_pipeline.train.losses import create_target_loss
 from wsi_pipeline.train.trainer import training_crops
@@ -65,10 +75,47 @@ def loader_rate(store: datasets.TrainingStore, config: TrainConfig, batches: int
     return count / (time.perf_counter() - start)
 
 
+def device_crops(
+    store: datasets.TrainingStore, config: TrainConfig, device: torch.device
+) -> DeviceCrops:
+    """The device loader of one worker holding the whole store."""
+    data = config.data
+    return DeviceCrops(
+        store,
+        store.keys(data.train_splits) or store.keys(),
+        size=data.input_size,
+        augment=data.augment,
+        target_mode=data.target_mode,
+        boundary_width=data.boundary_width,
+        device=device,
+    )
+
+
+def device_loader_rate(crops: DeviceCrops, batch_size: int, batches: int) -> float:
+    """Crops/s the device loader draws, after one warm-up batch."""
+    crops.batch(batch_size)
+    _sync(crops.device)
+    start = time.perf_counter()
+    for _ in crops.batches(batches, batch_size):
+        pass
+    _sync(crops.device)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def training_rate(
-    store: datasets.TrainingStore, config: TrainConfig, steps: int, device: torch.device
+    store: datasets.TrainingStore,
+    config: TrainConfig,
+    steps: int,
+    device: torch.device,
+    crops: DeviceCrops | None = None,
 ) -> float:
-    """Crops/s of forward + backward + optimizer steps on one device, data already in memory."""
+    """Crops/s of forward + backward + optimizer steps on one device: on one batch already in
+    memory, or on batches drawn by ``crops``."""
     model = build_model(base_card(config, store)).to(device).train()
     autocast = device.type == "cuda"
     if autocast:
@@ -76,25 +123,23 @@ def training_rate(
     optimizer = make_optimizer(config.optimizer, model.parameters())
     loss_fn = create_target_loss(config.loss, config.data.target_mode, **config.loss_kwargs)
     loss_fn = loss_fn.to(device)
-    size, batch = config.data.input_size, config.data.batch_size
-    images = torch.randint(0, 255, (batch, size, size, 3), dtype=torch.uint8, device=device)
-    target = torch.randint(0, config.num_classes, (batch, size, size), device=device)
+    batch = config.data.batch_size
+    fixed = device_crops(store, config, device).batch(batch)
 
     def step() -> None:
-        logits = forward(model, images, config.normalization, autocast=autocast)
-        loss = loss_fn(logits, target)
+        data = fixed if crops is None else crops.batch(batch)
+        logits = forward(model, data["image"], config.normalization, autocast=autocast)
+        loss = loss_fn(logits, data["target"].long())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     step()  # warm-up (allocator, cuDNN autotuning)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return steps * batch / (time.perf_counter() - start)
 
 
@@ -126,7 +171,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = datasets.open_store(args.data or synthetic_store(Path(tmp)))
         loader = loader_rate(store, config, args.loader_batches)
+        crops = device_crops(store, config, device)
+        device_loader = device_loader_rate(crops, config.data.batch_size, args.loader_batches)
         train = training_rate(store, config, args.steps, device)
+        device_train = training_rate(store, config, args.steps, device, crops)
     result = {
         "benchmark": "training",
         "model": config.model.name,
@@ -138,6 +186,10 @@ def main() -> None:
         "loader_crops_per_s": round(loader, 1),
         "train_crops_per_s": round(train, 1),
         "loader_over_train": round(loader / train, 2),
+        "device_loader_crops_per_s": round(device_loader, 1),
+        "device_loader_over_train": round(device_loader / train, 2),
+        "device_train_crops_per_s": round(device_train, 1),
+        "device_train_over_train": round(device_train / train, 2),
     }
     print(json.dumps(result))
 

@@ -24,7 +24,7 @@ def test_tiny_suite_trains_scores_and_exports_every_candidate(tmp_path: Path) ->
     assert "[suite" in run.stdout  # progress on the terminal
     result = json.loads((out / "results.json").read_text())
     names = [row["name"] for row in result["models"]]
-    assert sorted(names) == sorted([*list_models(), "default", "default-v2"])
+    assert sorted(names) == sorted([*list_models(), "default", "default-v2", "default-v3"])
     for row in result["models"]:
         for scores in (row["whole_slide"], row["evaluate"]):
             assert 0.0 <= scores["aji"] <= scores["dice"] <= 1.0, row

@@ -269,3 +269,15 @@ def test_distance_mode_trains_tunes_and_segments(
     assert main([*argv, "--tile", "256", "--overlap", "48"]) == 0
     summary = json.loads((segmented / "synthetic.json").read_text())
     assert summary["model"]["target_mode"] == "distance"
+
+
+def test_the_device_loader_trains_on_two_workers(store: str, tmp_path: Path) -> None:
+    """``data.loader: device``: no Ray Data pipeline, each worker draws crops on its device."""
+    smoke = str(REPO / "configs" / "train" / "smoke.yaml")
+    out = tmp_path / "device"
+    argv = ["train", "--config", smoke, "--data", store, "--out", str(out)]
+    assert main([*argv, "--set", "data.loader=device"]) == 0
+    history = rows(out)
+    assert [int(r["epoch"]) for r in history] == [0, 1]
+    assert float(history[-1]["train_loss"]) < float(history[0]["train_loss"])
+    assert read_card(out / "best").training["config"]["data"]["loader"] == "device"

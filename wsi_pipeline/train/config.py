@@ -91,6 +91,11 @@ class DataSection(StrictModel):
     )
     boundary_width: int = Field(1, ge=1)
     augment: AugmentConfig = AugmentConfig()
+    loader: Literal["ray", "device"] = Field(
+        "ray",
+        description="ray: crops from Ray Data CPU tasks; device: each worker holds its share of "
+        "the store on its device and draws the crops there (train/device_crops.py)",
+    )
     loader_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data crop task")
     loader_tasks: int | None = Field(None, ge=1, description="concurrent crop tasks (None: auto)")
     rows_per_task: int = Field(32, ge=1)

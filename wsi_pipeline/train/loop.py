@@ -33,6 +33,7 @@ from wsi_pipeline.checkpoint import (
 from wsi_pipeline.forward import forward
 from wsi_pipeline.models.registry import strip_wrappers
 from wsi_pipeline.train.config import DataSection, OptimizerSection, TrainConfig
+from wsi_pipeline.train.device_crops import DeviceCrops
 from wsi_pipeline.train.evaluation import SCORES, score_tiles
 from wsi_pipeline.train.losses import create_target_loss
 from wsi_pipeline.train.store import TrainingStore, open_store
@@ -114,6 +115,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_s": time.perf_counter() - start,
         }
         worker.end_epoch(metrics)
+
+
+def _crop_source(
+    config: TrainConfig, store: TrainingStore, rank: int, world: int, device: torch.device
+) -> Any:
+    """This worker's crops: its Ray Data shard, or its share of the store on its device."""
+    import ray.train
+
+    data = config.data
+    if data.loader == "ray":
+        return ray.train.get_dataset_shard("train")
+    return DeviceCrops(
+        store,
+        split_keys(store, data)[0],
+        size=data.input_size,
+        augment=data.augment,
+        target_mode=data.target_mode,
+        boundary_width=data.boundary_width,
+        device=device,
+        rank=rank,
+        world=world,
+        seed=config.seed * 1000 + rank if data.crop_seed is None else data.crop_seed + rank,
+    )
 
 
 @dataclass
@@ -203,7 +227,7 @@ class _Worker:
             progress=progress,
             card=card,
             steps=steps,
-            shard=ray.train.get_dataset_shard("train"),
+            shard=_crop_source(config, store, rank, world, device),
             callback=loop_config.get("step_callback"),
             curves=_Curves(Path(loop_config["out"]), progress.history) if rank == 0 else None,
         )
@@ -212,12 +236,15 @@ class _Worker:
         """One pass over this worker's shard of the epoch's crops: ``(loss sum, steps)``."""
         config, start = self.config, time.perf_counter()
         self.ddp_model.train()
-        batches = self.shard.iter_torch_batches(
-            batch_size=config.data.batch_size,
-            drop_last=True,
-            prefetch_batches=config.data.prefetch_batches,
-            device=self.device,
-        )
+        if isinstance(self.shard, DeviceCrops):
+            batches = self.shard.batches(self.steps, config.data.batch_size)
+        else:
+            batches = self.shard.iter_torch_batches(
+                batch_size=config.data.batch_size,
+                drop_last=True,
+                prefetch_batches=config.data.prefetch_batches,
+                device=self.device,
+            )
         loss_sum, step = 0.0, 0
         for step, batch in enumerate(batches, start=1):
             loss_sum += self.train_step(batch["image"], batch["target"])

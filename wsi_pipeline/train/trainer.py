@@ -123,9 +123,10 @@ def run_training(
     steps = default_steps(store, train_keys, config)
     # The workers log progress per epoch; Ray Data's per-execution bars would repeat it.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = training_crops(
-        store, train_keys, steps * config.data.batch_size * config.workers, config.data
-    )
+    datasets = {}
+    if config.data.loader == "ray":
+        samples = steps * config.data.batch_size * config.workers
+        datasets["train"] = training_crops(store, train_keys, samples, config.data)
     resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -149,7 +150,7 @@ def run_training(
                 checkpoint_score_order=config.mode,
             ),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
     )
     logger.info(
         "training %s on %d items (%d validation), %d workers, %d steps/epoch of %d x %d px",
