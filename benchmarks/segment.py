@@ -37,7 +37,13 @@ from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint, save_checkpoint
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.models import create_model
-from wsi_pipeline.segment.job import READ_CPUS, plan_slide, read_tiles, segment_slides
+from wsi_pipeline.segment.job import (
+    READ_CPUS,
+    plan_slide,
+    predictor_batch_size,
+    read_tiles,
+    segment_slides,
+)
 from wsi_pipeline.segment.predictor import Predictor
 
 
@@ -109,7 +115,7 @@ def main() -> None:
     parser.add_argument("--base-channels", type=int, help="width of the random model")
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, help="default: the job's (8 GPU, 1 CPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--predictor-threads", type=int, help="a CPU predictor's threads")
     parser.add_argument(
@@ -163,6 +169,8 @@ def main() -> None:
             args.device == "auto" and ray.cluster_resources().get("GPU")
         )
         result["gpu_busy_fraction"] = round(forward / seconds, 3) if gpu else None
+        batch = predictor_batch_size(args.batch_size, bool(gpu))
+        result["batch_size"] = batch
         result["pipeline_peak_rss_mb"] = round(sampler.stop() / 2**20, 1)
         assert outcome.status == "complete", outcome.reason
         result["end_to_end_s"] = round(seconds, 2)
@@ -174,7 +182,7 @@ def main() -> None:
         )
         if not args.e2e_only:
             start = time.perf_counter()
-            blocks = max(1, -(-len(rows) // args.batch_size))
+            blocks = max(1, -(-len(rows) // batch))
             ds = ray.data.from_items(rows, override_num_blocks=blocks)
             images = [
                 r["image"]
@@ -185,7 +193,7 @@ def main() -> None:
                         "mpp": card.mpp,
                         "mpp_override": None,
                     },
-                    batch_size=args.batch_size,
+                    batch_size=batch,
                     num_cpus=READ_CPUS,
                 )
                 .select_columns(["image"])
@@ -194,10 +202,10 @@ def main() -> None:
             result["read_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
 
             predictor = Predictor(checkpoint, device=args.device)
-            predictor.predict(np.stack(images[: args.batch_size]))  # warm-up
+            predictor.predict(np.stack(images[:batch]))  # warm-up
             start = time.perf_counter()
-            for i in range(0, len(images), args.batch_size):
-                predictor.predict(np.stack(images[i : i + args.batch_size]))
+            for i in range(0, len(images), batch):
+                predictor.predict(np.stack(images[i : i + batch]))
             result["predictor_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
             result["device"] = str(predictor.device)
             del images, predictor

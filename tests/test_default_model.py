@@ -17,7 +17,7 @@ def test_default_model_ships_with_a_full_card(capsys) -> None:
     assert path.name == DEFAULT_MODEL
     assert (path / "model.pt").stat().st_size < 25 * 2**20
     card = read_card(path)
-    assert card.mpp == 0.5 and card.num_classes == 3 and card.target_mode == "3class"
+    assert card.mpp == 0.5 and card.num_classes == 4 and card.target_mode == "distance"
     assert "non-commercial" in card.license and card.metrics["test_other_organ_aji"] > 0.4
     assert main(["models"]) == 0
     assert f"{DEFAULT_MODEL} (default)" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from conftest import shared_path
 from scipy import ndimage as ndi
 from shapely.geometry import shape
 
-from wsi_pipeline.checkpoint import ModelCard, save_checkpoint
+from wsi_pipeline.checkpoint import ModelCard, read_card, save_checkpoint
 from wsi_pipeline.cli.main import main
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.models import create_model
@@ -37,14 +37,18 @@ class HematoxylinOracle:
     """Stands in for a trained model on synthetic slides: nuclei are the dark purple pixels."""
 
     def __init__(self, checkpoint: str, device: str = "auto", tta: bool = False) -> None:
-        self.checkpoint = checkpoint
+        self.mode = read_card(checkpoint).target_mode  # the channels the card's model has
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop("image")
         probs = []
         for image in images:
             labels, _ = ndi.label((image[..., 1] < 110) & (image[..., 0] < 180))
-            p = one_hot(make_target(labels), 3)
+            target = make_target(labels, self.mode)
+            if self.mode == "distance":
+                p = np.concatenate([one_hot(target[0], 3), target[1:] / np.float32(255)])
+            else:
+                p = one_hot(target, 3)
             probs.append(quantize(ndi.gaussian_filter(p, sigma=(0, 1, 1))))
         batch["probs"] = np.stack(probs)
         return batch
@@ -332,3 +336,11 @@ def test_subpixel_outlines_follow_the_probability_between_pixel_centres() -> Non
     # Without a field the outline is the mask's, exactly as before.
     ((_, again),) = label_polygons(labels, field=None)
     assert again.equals(on_grid)
+
+
+def test_predictor_batch_defaults_to_single_tiles_on_a_cpu() -> None:
+    from wsi_pipeline.segment.job import predictor_batch_size
+
+    assert predictor_batch_size(None, use_gpu=False) == 1
+    assert predictor_batch_size(None, use_gpu=True) == 8
+    assert predictor_batch_size(4, use_gpu=False) == predictor_batch_size(4, use_gpu=True) == 4

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 WEIGHTS = "model.pt"
 CARD = "model.json"
 SHIPPED = Path(__file__).resolve().parent / "weights"
-DEFAULT_MODEL = "nuclei-unet16-v2"
+DEFAULT_MODEL = "nuclei-unet16-v3"
 
 
 class CheckpointError(FileNotFoundError):

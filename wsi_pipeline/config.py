@@ -170,13 +170,18 @@ class SegmentConfig(StrictModel):
     """``wsi-pipeline segment``: slides (or tiling stores) → nuclei polygons per slide."""
 
     checkpoint: str | None = Field(
-        None, description="checkpoint directory or shipped model name (default: nuclei-unet16)"
+        None, description="checkpoint directory or shipped model name (default: the default model)"
     )
     tile: int = Field(512, ge=64, le=MAX_TILE, description="tile size in px at the model's mpp")
     overlap: int = Field(
         64, ge=0, description="px at the model's mpp; at least the largest nucleus diameter"
     )
-    batch_size: int = Field(8, ge=1, description="tiles per predictor call")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="tiles per predictor call (default: 8 on a GPU; 1 on a CPU, where single "
+        "tiles run faster and the first one is back sooner)",
+    )
     tta: bool = Field(False, description="flip test-time augmentation (3x compute)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
     predictors: int | None = Field(None, ge=1, description="predictor actors (default: GPUs or 1)")

@@ -68,6 +68,7 @@ MPP_TOLERANCE = 0.01
 READ_CPUS = 0.5
 POSTPROCESS_CPUS = 0.5
 LABEL_SHARD_TILES = 4
+GPU_BATCH_SIZE, CPU_BATCH_SIZE = 8, 1
 # Where a slide's seconds go: planning (tissue), reads, the model, instance extraction, polygons
 # and GeoJSON text (tasks, summed over tiles), seams and writing (the driver), and how long after
 # the job's start its first tile came back.
@@ -591,6 +592,13 @@ class _Batch:
         logger.warning("%s: failed: %s", slide, reason)
 
 
+def predictor_batch_size(batch_size: int | None, use_gpu: bool) -> int:
+    """Tiles per predictor call: as configured, else 8 on a GPU and 1 on a CPU (a CPU forward
+    of single 512² tiles ran 1.6× faster than of batches of 8 on the 2-core dev VM: their
+    activations stay in cache; and the first tile is back after one tile's work, not 8's)."""
+    return batch_size or (GPU_BATCH_SIZE if use_gpu else CPU_BATCH_SIZE)
+
+
 def _graph(
     rows: list[dict[str, Any]],
     plans: dict[str, SlidePlan],
@@ -603,6 +611,7 @@ def _graph(
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
     size = config.predictors or (max(int(gpus), 1) if use_gpu else 1)
+    batch_size = predictor_batch_size(config.batch_size, use_gpu)
     predictor_kwargs: dict[str, Any] = {
         "checkpoint": config.checkpoint,
         "device": config.device,
@@ -611,7 +620,7 @@ def _graph(
     if config.predictor_threads:  # only then: a stand-in predictor need not take the option
         predictor_kwargs["threads"] = config.predictor_threads
     # Blocks of one predictor batch of neighbouring tiles: one read task each.
-    blocks = max(1, min(math.ceil(len(rows) / config.batch_size), 4096))
+    blocks = max(1, min(math.ceil(len(rows) / batch_size), 4096))
     return (
         ray.data.from_items(rows, override_num_blocks=blocks)
         # Reads are light (decode + resize). Their resources differ from the predictor's, so Ray
@@ -619,13 +628,13 @@ def _graph(
         .map_batches(
             read_tiles,
             fn_kwargs={"plans": plans, "mpp": card.mpp, "mpp_override": config.mpp_override},
-            batch_size=config.batch_size,
+            batch_size=batch_size,
             num_cpus=READ_CPUS,
         )
         .map_batches(
             predictor,
             fn_constructor_kwargs=predictor_kwargs,
-            batch_size=config.batch_size,
+            batch_size=batch_size,
             compute=ray.data.ActorPoolStrategy(size=size),
             num_gpus=1 if use_gpu else 0,
             num_cpus=config.cpus_per_predictor,
