@@ -12,7 +12,8 @@ Prints one JSON line. For each split of a folder dataset (by default MoNuSeg's
   costs against scoring the images directly.
 
 ``--pixel-grid`` traces the job's outlines on the model's pixel grid instead of the nucleus
-probability (``segment --set subpixel=false``).
+probability (``segment --set subpixel=false``); ``--tta`` averages the slide path's predictions
+over flips (``segment --tta``; ``evaluate`` has none).
 
     python benchmarks/accuracy.py --checkpoint nuclei-unet16
     python benchmarks/accuracy.py --checkpoint runs/x/best --splits test_other_organ
@@ -41,18 +42,25 @@ def measure(
     device: str = "auto",
     cells: int | None = None,
     subpixel: bool = True,
+    tta: bool = False,
 ) -> dict:
     """Score ``checkpoint`` on each split three ways (Ray must be initialised)."""
     checkpoint = str(resolve_checkpoint(checkpoint))
     card = read_card(checkpoint)
     config = SegmentConfig(
-        checkpoint=checkpoint, tile=tile, overlap=overlap, device=device, subpixel=subpixel
+        checkpoint=checkpoint,
+        tile=tile,
+        overlap=overlap,
+        device=device,
+        subpixel=subpixel,
+        tta=tta,
     )
     result: dict = {
         "benchmark": "accuracy",
         "checkpoint": checkpoint,
         "mpp": card.mpp,
         "subpixel": subpixel,
+        "tta": tta,
     }
     for split in splits:
         start = time.perf_counter()
@@ -83,6 +91,9 @@ def main() -> None:
     parser.add_argument(
         "--pixel-grid", action="store_true", help="outlines on the model's pixel grid"
     )
+    parser.add_argument(
+        "--tta", action="store_true", help="flip test-time augmentation in the slide path"
+    )
     args = parser.parse_args()
 
     import ray
@@ -98,6 +109,7 @@ def main() -> None:
         device=args.device,
         cells=args.cells,
         subpixel=not args.pixel_grid,
+        tta=args.tta,
     )
     print(json.dumps(result))
 
