@@ -102,7 +102,9 @@ class DataSection(StrictModel):
     prefetch_batches: int = Field(4, ge=1)
     cache_mb: float = Field(1024, ge=0, description="items kept in memory per loader process")
     crop_seed: int | None = Field(
-        None, description="fix the crops (same every epoch; tests, benchmarks); None: fresh"
+        None,
+        description="ray loader: the same crops every epoch (tests, benchmarks), None: fresh "
+        "ones; device loader: the seed of its draws (+ the worker's rank), None: from seed",
     )
 
 
