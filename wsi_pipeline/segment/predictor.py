@@ -2,7 +2,7 @@
 
 It loads a checkpoint once per actor and runs on the GPU when there is one (bf16 autocast,
 ``channels_last``) and on the CPU otherwise, with the same code (:mod:`wsi_pipeline.forward`).
-Probabilities travel as uint8 (:func:`~wsi_pipeline.segment.nuclei.quantize`), to keep the
+Probabilities travel as uint8 (:func:`~wsi_pipeline.segment.quantize.quantize`), to keep the
 object store small.
 """
 

@@ -20,7 +20,7 @@ from wsi_pipeline.config import StrictModel, load_config
 from wsi_pipeline.train.augment import AugmentConfig
 from wsi_pipeline.train.evaluation import SCORES
 from wsi_pipeline.train.losses import list_losses
-from wsi_pipeline.train.targets import num_classes
+from wsi_pipeline.train.targets import TargetMode, num_classes
 
 MONITORS = ("val_loss", "train_loss", *(f"val_{s}" for s in SCORES))
 
@@ -86,7 +86,7 @@ class DataSection(StrictModel):
     val_splits: list[str] | None = Field(None, description="default: every other split")
     max_val_items: int | None = Field(None, ge=1)
     val_tile: int = Field(1024, ge=64, description="larger items are scored in tiles of this")
-    target_mode: Literal["3class", "binary", "distance"] = Field(
+    target_mode: TargetMode = Field(
         "3class", description="3class, binary, or distance (3class + each nucleus's edge distance)"
     )
     boundary_width: int = Field(1, ge=1)

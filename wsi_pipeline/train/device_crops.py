@@ -38,7 +38,6 @@ from wsi_pipeline.train.targets import (
     INTERIOR,
     TargetMode,
     make_target,
-    normalized_distance,
 )
 
 
@@ -103,9 +102,8 @@ class DeviceCrops:
         rgb, labels = store.read(key)
         labels = labels.astype(np.int64)
         distance = None
-        if self.target_mode == "distance":
-            interior = make_target(labels, "3class", self.boundary_width) == INTERIOR
-            distance = self._to_device(normalized_distance(labels, interior)[None])
+        if self.target_mode == "distance":  # warped with the crop, then kept on the interior
+            distance = self._to_device(make_target(labels, "distance", self.boundary_width)[1:])
         return _Item(
             image=self._to_device(np.moveaxis(rgb, -1, 0)),
             labels=self._to_device(labels[None].astype(np.float32)),

@@ -82,16 +82,8 @@ class DistanceLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of logits (N, 4, H, W) against targets (N, 2, H, W): classes, distance x 255."""
-        if (
-            logits.ndim != 4
-            or logits.shape[1] != 4
-            or target.shape
-            != (
-                logits.shape[0],
-                2,
-                *logits.shape[2:],
-            )
-        ):
+        expected = (logits.shape[0], 2, *logits.shape[2:])
+        if logits.ndim != 4 or logits.shape[1] != 4 or target.shape != expected:
             raise ValueError(
                 f"expected logits (N,4,H,W), target (N,2,H,W); got "
                 f"{tuple(logits.shape)} and {tuple(target.shape)}"

@@ -33,16 +33,19 @@ from wsi_pipeline.train.evaluation import SCORES, predict_probabilities, scored_
 from wsi_pipeline.train.ingest import read_entry
 from wsi_pipeline.train.store import resize_labels
 
-GRID: dict[str, tuple[float, ...]] = {
-    "interior_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+# The foreground and size axes every mode searches.
+_EXTENT: dict[str, tuple[float, ...]] = {
     "foreground_threshold": (0.4, 0.5, 0.6),
     "min_size": (5, 10, 20),
+}
+GRID: dict[str, tuple[float, ...]] = {
+    "interior_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    **_EXTENT,
 }
 # Markers of the distance mode come from the distance channel, not the interior class.
 DISTANCE_GRID: dict[str, tuple[float, ...]] = {
     "distance_threshold": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
-    "foreground_threshold": (0.4, 0.5, 0.6),
-    "min_size": (5, 10, 20),
+    **_EXTENT,
 }
 
 
