@@ -7,6 +7,8 @@ Prints one JSON line. In the same run, on the same slide and tissue tiles:
 * ``end_to_end_tiles_per_s``: the whole segment job (read → predict → post-process → GeoJSON);
 * ``ratio_e2e_vs_predictor``: how busy the job keeps the predictor (target ≥ 0.7 on a GPU host),
   and ``ratio_steady_vs_predictor``, the same once the first tile is back (start-up excluded);
+* on a CPU, ``predictor_per_core_tiles_per_s``: one single-threaded model per core side by side
+  (what the job runs there), and ``ratio_e2e_vs_per_core``;
 * ``nuclei_per_s``, and the peak RSS of the driver and of the driver plus every Ray process;
 * ``profile_s``: where the job's seconds went (the slide's ``<slide>.json`` profile: planning,
   reads, forward, instance extraction, polygons, the driver's seams and writing, summed over
@@ -40,7 +42,7 @@ from wsi_pipeline.models import create_model
 from wsi_pipeline.segment.job import (
     READ_CPUS,
     plan_slide,
-    predictor_batch_size,
+    predictor_pool,
     read_tiles,
     segment_slides,
 )
@@ -97,6 +99,32 @@ class PeakRss(threading.Thread):
         return self.peak
 
 
+def per_core_rate(checkpoint: str, images: list[np.ndarray], cores: int) -> float:
+    """Tiles/s of ``cores`` single-threaded CPU models side by side (one Python thread each;
+    torch releases the GIL), each on its share of ``images``, one tile per call: the forward-only
+    ceiling of a CPU host whose cores each run a model."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predictor = Predictor(checkpoint, device="cpu", threads=1)
+        predictor.predict(images[0][None])  # warm-up
+        shares = [images[i::cores] for i in range(cores)]
+        workers = [
+            threading.Thread(target=lambda share=share: [predictor.predict(x[None]) for x in share])
+            for share in shares
+        ]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        return len(images) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _checkpoint(args: argparse.Namespace, tmp: str) -> str:
     if not args.random_model:
         return str(resolve_checkpoint(args.checkpoint))
@@ -118,6 +146,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: the job's (8 GPU, 1 CPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--predictor-threads", type=int, help="a CPU predictor's threads")
+    parser.add_argument("--predictors", type=int, help="predictor actors (default: the job's)")
+    parser.add_argument("--cpus-per-predictor", type=float, help="default: the job's")
+    parser.add_argument(
+        "--postprocess-in-predictor",
+        action=argparse.BooleanOptionalAction,
+        help="default: the job's (yes on a CPU, no on a GPU)",
+    )
     parser.add_argument(
         "--e2e-only", action="store_true", help="skip the read-only and predictor-only passes"
     )
@@ -140,6 +175,9 @@ def main() -> None:
             batch_size=args.batch_size,
             device=args.device,
             predictor_threads=args.predictor_threads,
+            predictors=args.predictors,
+            cpus_per_predictor=args.cpus_per_predictor,
+            postprocess_in_predictor=args.postprocess_in_predictor,
         )
         card = read_card(checkpoint)
         plan = plan_slide(slide, card, config)
@@ -165,12 +203,12 @@ def main() -> None:
         cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         result["cpu_busy_fraction"] = round(cpu / (seconds * cores), 3)
         forward = profile["profile"]["forward_s"]
-        gpu = args.device == "cuda" or (
-            args.device == "auto" and ray.cluster_resources().get("GPU")
-        )
-        result["gpu_busy_fraction"] = round(forward / seconds, 3) if gpu else None
-        batch = predictor_batch_size(args.batch_size, bool(gpu))
+        pool = predictor_pool(config, ray.cluster_resources())
+        result["gpu_busy_fraction"] = round(forward / seconds, 3) if pool.use_gpu else None
+        batch = pool.batch_size
         result["batch_size"] = batch
+        result["predictors"] = pool.size
+        result["postprocess_in_predictor"] = pool.postprocess
         result["pipeline_peak_rss_mb"] = round(sampler.stop() / 2**20, 1)
         assert outcome.status == "complete", outcome.reason
         result["end_to_end_s"] = round(seconds, 2)
@@ -208,7 +246,12 @@ def main() -> None:
                 predictor.predict(np.stack(images[i : i + batch]))
             result["predictor_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
             result["device"] = str(predictor.device)
-            del images, predictor
+            del predictor
+            if not pool.use_gpu:
+                result["predictor_per_core_tiles_per_s"] = round(
+                    per_core_rate(checkpoint, images, cores), 2
+                )
+            del images
 
             predictor_rate = float(result["predictor_tiles_per_s"])
             result["ratio_e2e_vs_predictor"] = round(
@@ -217,6 +260,12 @@ def main() -> None:
             # After start-up: the tiles that came back after the first, over the time they took.
             steady = (outcome.tiles - 1) / (seconds - profile["profile"]["first_tile_s"])
             result["ratio_steady_vs_predictor"] = round(steady / predictor_rate, 3)
+            if "predictor_per_core_tiles_per_s" in result:
+                result["ratio_e2e_vs_per_core"] = round(
+                    float(result["end_to_end_tiles_per_s"])
+                    / float(result["predictor_per_core_tiles_per_s"]),
+                    3,
+                )
     print(json.dumps(result))
 
 

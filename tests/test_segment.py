@@ -36,7 +36,9 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 class HematoxylinOracle:
     """Stands in for a trained model on synthetic slides: nuclei are the dark purple pixels."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", tta: bool = False) -> None:
+    def __init__(
+        self, checkpoint: str, device: str = "auto", tta: bool = False, threads: int = 0
+    ) -> None:
         self.mode = read_card(checkpoint).target_mode  # the channels the card's model has
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -115,6 +117,32 @@ def test_oracle_segmentation_matches_truth(tmp_path: Path, slide_path: Path, mos
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
 
 
+def test_postprocessing_in_the_predictor_writes_the_same_nuclei_as_tasks(
+    tmp_path: Path, slide_path: Path, checkpoint: Path
+) -> None:
+    """The CPU default (predictor actors post-process) and the GPU layout (CPU tasks do) write
+    the same nuclei, with the same labels and measurements."""
+    outputs = {}
+    for fused in (True, False):
+        config = SegmentConfig(
+            checkpoint=str(checkpoint), tile=256, overlap=48, postprocess_in_predictor=fused
+        )
+        out = tmp_path / str(fused)
+        (result,) = segment_slides([str(slide_path)], str(out), config, predictor=HematoxylinOracle)
+        assert result.status == "complete", result.reason
+        features = read_geojson(out / "synthetic.geojson.gz")["features"]
+        outputs[fused] = sorted(
+            (
+                f["properties"]["label"],
+                json.dumps(f["geometry"]),
+                str(f["properties"]["measurements"]),
+            )
+            for f in features
+        )
+    assert len(outputs[True]) > 100
+    assert outputs[True] == outputs[False]
+
+
 @pytest.fixture(autouse=True)
 def _umask_022():
     old = os.umask(0o022)
@@ -125,7 +153,9 @@ def _umask_022():
 class EverythingIsOneNucleus:
     """A model that sees one nucleus filling every tile: wider than any overlap."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", tta: bool = False) -> None:
+    def __init__(
+        self, checkpoint: str, device: str = "auto", tta: bool = False, threads: int = 0
+    ) -> None:
         pass
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -344,3 +374,37 @@ def test_predictor_batch_defaults_to_single_tiles_on_a_cpu() -> None:
     assert predictor_batch_size(None, use_gpu=False) == 1
     assert predictor_batch_size(None, use_gpu=True) == 8
     assert predictor_batch_size(4, use_gpu=False) == predictor_batch_size(4, use_gpu=True) == 4
+
+
+def test_predictor_pool_on_a_cpu_runs_one_single_threaded_model_per_core_that_postprocesses():
+    from wsi_pipeline.segment.job import READ_CPUS, predictor_pool
+
+    cpu = predictor_pool(SegmentConfig(), {"CPU": 2.0})
+    assert (cpu.use_gpu, cpu.postprocess, cpu.size, cpu.threads, cpu.batch_size) == (
+        False,
+        True,
+        2,
+        1,
+        1,
+    )
+    assert cpu.size * cpu.cpus + READ_CPUS <= 2  # a read can always run beside them
+    big = predictor_pool(SegmentConfig(), {"CPU": 16.0})
+    assert big.size == 16 and big.size * big.cpus + READ_CPUS <= 16
+    assert predictor_pool(SegmentConfig(), {"CPU": 1.0}).size == 1
+    # A GPU host: one actor per GPU with every core's threads; CPU tasks post-process.
+    gpu = predictor_pool(SegmentConfig(), {"CPU": 16.0, "GPU": 2.0})
+    assert (gpu.use_gpu, gpu.postprocess, gpu.size, gpu.threads, gpu.cpus, gpu.batch_size) == (
+        True,
+        False,
+        2,
+        None,
+        1.0,
+        8,
+    )
+    # Without post-processing in it, a CPU predictor is one actor on every core, as before.
+    tasks = predictor_pool(SegmentConfig(postprocess_in_predictor=False), {"CPU": 8.0})
+    assert (tasks.size, tasks.threads, tasks.postprocess) == (1, None, False)
+    # What is configured wins.
+    set_ = SegmentConfig(predictors=3, predictor_threads=2, cpus_per_predictor=0.5)
+    pool = predictor_pool(set_, {"CPU": 8.0})
+    assert (pool.size, pool.threads, pool.cpus) == (3, 2, 0.5)

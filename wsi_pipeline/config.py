@@ -184,10 +184,28 @@ class SegmentConfig(StrictModel):
     )
     tta: bool = Field(False, description="flip test-time augmentation (3x compute)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
-    predictors: int | None = Field(None, ge=1, description="predictor actors (default: GPUs or 1)")
-    cpus_per_predictor: float = Field(1.0, gt=0)
+    predictors: int | None = Field(
+        None,
+        ge=1,
+        description="predictor actors (default: one per GPU; on a CPU, up to one per core, "
+        "started as tiles queue)",
+    )
+    cpus_per_predictor: float | None = Field(
+        None,
+        gt=0,
+        description="logical CPUs of a predictor actor (default: 1 on a GPU, 0.75 on a CPU)",
+    )
     predictor_threads: int | None = Field(
-        None, ge=1, description="a CPU predictor's threads (default: all cores of its node)"
+        None,
+        ge=1,
+        description="a CPU predictor's threads (default: 1 when it post-processes, else all "
+        "cores of its node)",
+    )
+    postprocess_in_predictor: bool | None = Field(
+        None,
+        description="post-process each tile in the predictor actor that made its probabilities "
+        "(default: on a CPU, where single-threaded predictors then keep every core busy; on a "
+        "GPU, CPU tasks post-process while the GPU runs)",
     )
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
     mpp_override: float | None = Field(
