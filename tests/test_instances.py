@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import shared_path
+from scipy import ndimage as ndi
 
 from wsi_pipeline.metrics import score_image
 from wsi_pipeline.segment.instances import instances_from_probabilities, mean_class_probability
@@ -81,6 +82,46 @@ def test_holes_filled_only_inside_a_single_nucleus() -> None:
     pred = instances_from_probabilities(oracle(labels), min_size=1)
     assert (pred[6:8, 6:8] > 0).all()
     assert (pred[17:19, 27:31] == 0).all()
+
+
+def test_background_open_to_the_edge_is_not_a_hole_and_diagonal_gaps_do_not_open_one() -> None:
+    from wsi_pipeline.segment.instances import _fill_enclosed_holes
+
+    labels = np.zeros((12, 12), dtype=np.int32)
+    labels[2:10, 0:8] = 1
+    labels[4:6, 0:5] = 0  # a bay open to the left edge of the image: not a hole
+    labels[2:5, 8:12] = 2
+    labels[3, 10] = 0  # enclosed by nucleus 2 alone: a hole
+    labels[5:8, 9:12] = 3
+    labels[6, 11] = 0  # on the image edge: not a hole
+    filled = _fill_enclosed_holes(labels)
+    assert (filled[4:6, 0:5] == 0).all() and filled[3, 10] == 2 and filled[6, 11] == 0
+    # A corner pixel touching the outside only diagonally is still enclosed (4-connectivity).
+    ring = np.zeros((7, 7), dtype=np.int32)
+    ring[1:6, 1:6] = 4
+    ring[3, 3] = 0
+    ring[2, 2] = 0
+    assert (_fill_enclosed_holes(ring)[1:6, 1:6] == 4).all()
+
+
+def test_hole_filling_matches_binary_fill_holes_on_random_blobs() -> None:
+    """The background-labelling fill finds exactly the holes ``binary_fill_holes`` finds."""
+    from wsi_pipeline.segment.instances import _fill_enclosed_holes
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        blobs = ndi.gaussian_filter(rng.random((64, 64)), 2) > 0.5
+        labels = ndi.label(blobs)[0].astype(np.int32)
+        enclosed = ndi.binary_fill_holes(labels > 0) & (labels == 0)
+        filled = _fill_enclosed_holes(labels)
+        assert ((filled > 0) == ((labels > 0) | (enclosed & (filled > 0)))).all()
+        changed = filled != labels
+        assert enclosed[changed].all()  # only enclosed pixels change...
+        holes, n = ndi.label(enclosed, structure=ndi.generate_binary_structure(2, 1))
+        for hole in range(1, n + 1):  # ...and a hole inside a single nucleus is filled whole
+            rim = ndi.binary_dilation(holes == hole) & (labels > 0)
+            if len(np.unique(labels[rim])) == 1:
+                assert (filled[holes == hole] == labels[rim][0]).all()
 
 
 def test_mean_class_probability_by_hand() -> None:

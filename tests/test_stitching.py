@@ -75,6 +75,20 @@ def square(x: float, y: float, size: float = 10) -> Polygon:
     return box(x, y, x + size, y + size)
 
 
+def test_pixel_centroids_equal_center_of_mass() -> None:
+    from wsi_pipeline.segment.stitching import pixel_centroids
+
+    rng = np.random.default_rng(1)
+    labels = ndi.label(ndi.gaussian_filter(rng.random((90, 70)), 2) > 0.52)[0]
+    n = int(labels.max())
+    labels[labels == 2] = 0  # a label without pixels
+    cy, cx = pixel_centroids(labels, n)
+    with np.errstate(invalid="ignore"):  # the empty label's 0 / 0
+        expected = ndi.center_of_mass(np.ones_like(labels), labels, np.arange(1, n + 1))
+    assert n > 5 and np.isnan(cy[1]) and np.isnan(cx[1])
+    np.testing.assert_array_equal(np.stack([cy, cx], axis=1), np.array(expected))
+
+
 def test_seam_duplicates_keep_the_larger_once_whatever_the_order() -> None:
     grid = TileGrid(200, 100, 110, 20)  # two tiles, cores split at x = 100
     a = Nucleus(square(95, 40, 10), (99.5, 45), (0, 0))  # left tile's view, centroid left of 100

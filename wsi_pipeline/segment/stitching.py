@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
 from shapely.geometry import Polygon
 
 from wsi_pipeline.slides.tiling import Tile, TileGrid
@@ -48,14 +47,12 @@ def owned_instances(labels: np.ndarray, tile: Tile, grid: TileGrid) -> tuple[lis
     n = int(labels.max())
     if n == 0:
         return [], 0
-    index = np.arange(1, n + 1)
-    centroids = ndi.center_of_mass(np.ones_like(labels, dtype=np.uint8), labels, index)
     cut = _labels_on_inner_edges(labels, tile, grid)
     keep, oversize = [], 0
-    for label, (cy, cx) in zip(index, centroids, strict=True):
+    for label, (cy, cx) in enumerate(zip(*pixel_centroids(labels, n), strict=True), start=1):
         if np.isnan(cx):
             continue
-        # centre_of_mass gives pixel-index coordinates; +0.5 moves to the pixel-corner frame.
+        # Centroids are in pixel-index coordinates; +0.5 moves to the pixel-corner frame.
         gx, gy = tile.box.x0 + cx + 0.5, tile.box.y0 + cy + 0.5
         if grid.owner(gx, gy) != (tile.col, tile.row):
             continue
@@ -64,6 +61,23 @@ def owned_instances(labels: np.ndarray, tile: Tile, grid: TileGrid) -> tuple[lis
         else:
             keep.append(int(label))
     return keep, oversize
+
+
+def pixel_centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean row and column index of the pixels of each label ``1..n`` (NaN where it has none).
+
+    The sums are of whole numbers, so exact: a tile and its neighbour find the same centroid of
+    the same pixels. Three ``bincount`` passes: a third of ``ndimage.center_of_mass``'s time.
+    """
+    height, width = labels.shape
+    flat = labels.ravel()
+    counts = np.bincount(flat, minlength=n + 1)[1:]
+    rows = np.repeat(np.arange(height, dtype=np.float64), width)
+    cols = np.tile(np.arange(width, dtype=np.float64), height)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = np.bincount(flat, weights=rows, minlength=n + 1)[1:] / counts
+        cx = np.bincount(flat, weights=cols, minlength=n + 1)[1:] / counts
+    return cy, cx
 
 
 def _labels_on_inner_edges(labels: np.ndarray, tile: Tile, grid: TileGrid) -> set[int]:
