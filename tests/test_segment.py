@@ -236,6 +236,22 @@ def test_geojson_is_qupath_ready(tmp_path: Path, slide_path: Path, checkpoint: P
     assert len(ids) == len(data["features"])
 
 
+def test_feature_text_is_what_json_dumps_writes() -> None:
+    """orjson writes the features: the same compact, ASCII-only text as ``json.dumps``."""
+    from shapely.geometry import Polygon
+
+    from wsi_pipeline.segment.geojson import encode_feature, nucleus_feature
+
+    polygon = Polygon([(0.123, 1.0), (5.5551, 1.0), (3.0, 7.004)], holes=[[(2, 2), (3, 2), (3, 3)]])
+    feature = nucleus_feature(polygon, {"Area µm^2": 12.5, "Note": "nucléus 😀"})
+    text = encode_feature(feature)
+    as_lists = json.loads(text)
+    assert text == json.dumps(as_lists, separators=(",", ":"))
+    assert text.isascii() and as_lists["properties"]["measurements"]["Note"] == "nucléus 😀"
+    assert as_lists["geometry"]["coordinates"][0][:2] == [[0.12, 1.0], [5.56, 1.0]]
+    assert len(as_lists["geometry"]["coordinates"]) == 2  # the hole is kept
+
+
 def test_polygons_rasterise_back_to_their_mask() -> None:
     from wsi_pipeline.segment.polygons import label_polygons
 

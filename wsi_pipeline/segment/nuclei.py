@@ -6,7 +6,6 @@ exactly (shapely pickles polygons as WKB): no rounding, no repair.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import time
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from wsi_pipeline.checkpoint import ModelCard
-from wsi_pipeline.segment.geojson import nucleus_feature
+from wsi_pipeline.segment.geojson import encode_feature, nucleus_feature
 from wsi_pipeline.segment.instances import (
     foreground_probability,
     instances_from_probabilities,
@@ -108,7 +107,7 @@ def nucleus_json(nucleus: Nucleus) -> str:
     """One nucleus as a QuPath GeoJSON feature (with a fresh UUID and its label), serialised."""
     feature = nucleus_feature(nucleus.polygon, nucleus.properties)
     feature["properties"]["label"] = nucleus.label
-    return json.dumps(feature, separators=(",", ":"))
+    return encode_feature(feature)
 
 
 def pack_nuclei(nuclei: list[Nucleus]) -> bytes:
