@@ -35,13 +35,16 @@ def mask_polygon(
     simplify: float = 0.0,
     field: np.ndarray | None = None,
     level: float = 0.5,
+    offset: tuple[float, float] = (0.0, 0.0),
+    scale: float = 1.0,
 ) -> Polygon | None:
-    """Outline of the largest object of a boolean mask, in the mask's pixel-corner frame.
+    """Outline of the largest object of a boolean mask, in the mask's pixel-corner frame
+    (scaled by ``scale``, then moved by ``offset``).
 
     With ``field`` (a value per pixel, e.g. the nucleus probability; 0 on other objects), the
     outline is its ``level`` iso-contour instead of the mask's: sub-pixel where the object meets
     background, and never crossing the mask's pixel centres (inside values are kept above
-    ``level``, outside ones below).
+    ``level``, outside ones below). ``simplify`` is in mask pixels.
     """
     # A zero frame, so that objects touching the edge close; written in place (np.pad's generic
     # path costs more than the contour itself for the many small masks of a tile).
@@ -62,10 +65,10 @@ def mask_polygon(
         return None
     # find_contours gives (row, col) at pixel centres of the padded array: shift by -1 (pad) and
     # +0.5 (centre → corner frame).
-    xy = contour[:, ::-1] - 0.5
+    xy = (contour[:, ::-1] - 0.5) * scale + offset
     polygon = largest_polygon(Polygon(xy))
     if polygon is not None and simplify > 0:
-        polygon = largest_polygon(polygon.simplify(simplify, preserve_topology=True))
+        polygon = largest_polygon(polygon.simplify(simplify * scale, preserve_topology=True))
     return polygon
 
 
@@ -100,12 +103,12 @@ def label_polygons(
         values = None
         if field is not None:
             values = np.where(mask | (local == 0), field[y0:y1, x0:x1], 0).astype(np.float32)
-        polygon = mask_polygon(mask, simplify=simplify, field=values, level=level)
-        if polygon is None:
-            continue
-        dy, dx = y0, x0
-        coords = (np.asarray(polygon.exterior.coords) + (dx, dy)) * scale + offset
-        yield index, Polygon(coords)
+        origin = (offset[0] + x0 * scale, offset[1] + y0 * scale)
+        polygon = mask_polygon(
+            mask, simplify=simplify, field=values, level=level, offset=origin, scale=scale
+        )
+        if polygon is not None:  # the outer ring alone: a repaired outline may have gained holes
+            yield index, Polygon(polygon.exterior) if polygon.interiors else polygon
 
 
 def rasterize(
