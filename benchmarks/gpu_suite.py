@@ -17,6 +17,13 @@ One command, one folder of results, in as little device time as one GPU run allo
 
 ``--tiny`` replaces the data by a small synthetic folder dataset with the same splits and every
 recipe by a few steps of small crops: a CI test of the whole suite.
+
+``--augmentations`` runs the augmentation study instead: ``default-v3``'s recipe with all its
+augmentation, with each group of steps switched off in turn, and with none; the same crops
+(``crop_seed``), seed and schedule for each; the table adds each variant's AJI change against
+all augmentation on the unseen organs:
+
+    python benchmarks/gpu_suite.py --out augment/ --gpu --augmentations
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from wsi_pipeline.checkpoint import load_checkpoint, save_checkpoint
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.models import list_models
 from wsi_pipeline.slide_scoring import whole_slide_scores
+from wsi_pipeline.train.augment import NO_AUGMENT
 from wsi_pipeline.train.config import TrainConfig, load_train_config
 from wsi_pipeline.train.evaluation import SCORES, evaluate_checkpoint
 from wsi_pipeline.train.ingest import ingest_folder
@@ -75,6 +83,20 @@ TINY = {
 }  # fmt: skip
 
 
+# The augmentation study: each group of default-v3's augmentation steps switched off in turn.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "all": {},
+    "no-geometry": {"flips": False, "affine_p": 0.0},
+    "no-stain": {"stain": 0.0, "stain_shift": 0.0},
+    "no-colour": {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0},
+    "no-blur": {"blur_p": 0.0},
+    "no-jpeg": {"jpeg_p": 0.0},
+    "no-resampling": {"resample_p": 0.0},
+    "none": NO_AUGMENT.model_dump(),
+}
+ABLATED_RECIPE = "default-v3"
+
+
 def log(message: str) -> None:
     print(f"[suite {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -104,6 +126,19 @@ def candidates(gpu: bool, tiny: bool, models: list[str]) -> dict[str, TrainConfi
         for recipe in configs.values():
             recipe["model"]["kwargs"] = _tiny_kwargs(recipe["model"]["name"])
     return {name: TrainConfig.model_validate(recipe) for name, recipe in configs.items()}
+
+
+def augmentation_variants(gpu: bool, tiny: bool) -> dict[str, TrainConfig]:
+    """``aug-<variant>``: :data:`ABLATED_RECIPE` under each of :data:`ABLATIONS`, on the same
+    crops."""
+    recipe = candidates(gpu, tiny, [])[ABLATED_RECIPE].model_dump(mode="json")
+    recipe["data"]["crop_seed"] = 0
+    return {
+        f"aug-{variant}": TrainConfig.model_validate(
+            merge(recipe, {"name": f"aug-{variant}", "data": {"augment": change}})
+        )
+        for variant, change in ABLATIONS.items()
+    }
 
 
 def _tiny_kwargs(model: str) -> dict[str, Any]:
@@ -181,18 +216,21 @@ def run_candidate(
     }
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The model table (Markdown): scores on test_other_organ, size, training time."""
-    lines = [
-        "| model | params (M) | whole-slide Dice | AJI | PQ | evaluate AJI | train s |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def table(rows: list[dict[str, Any]], baseline: str | None = None) -> str:
+    """The model table (Markdown): scores on test_other_organ, size, training time; with
+    ``baseline`` (a row's name), each row's whole-slide AJI change against that row."""
+    header = "| model | params (M) | whole-slide Dice | AJI | PQ | evaluate AJI | train s |"
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    if baseline:
+        lines = [header + " Δ AJI |", lines[1] + "---|"]
+        reference = next(r for r in rows if r["name"] == baseline)["whole_slide"]["aji"]
     for r in sorted(rows, key=lambda r: -r["whole_slide"]["aji"]):
         s = r["whole_slide"]
-        lines.append(
+        line = (
             f"| {r['name']} | {r['params_m']} | {s['dice']:.3f} | {s['aji']:.3f} | "
             f"{s['pq']:.3f} | {r['evaluate']['aji']:.3f} | {r['train_s']:.0f} |"
         )
+        lines.append(line + (f" {s['aji'] - reference:+.3f} |" if baseline else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -204,6 +242,18 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="synthetic data, a few steps, CPU")
     parser.add_argument("--models", nargs="+", default=list_models(), choices=list_models())
     parser.add_argument("--tile", type=int, default=512, help="segment tile for the scoring")
+    parser.add_argument(
+        "--augmentations",
+        action="store_true",
+        help=f"the augmentation study of {ABLATED_RECIPE} instead of the model suite",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(ABLATIONS),
+        choices=list(ABLATIONS),
+        help="the study's variants (default: all; 'all' is the baseline and always runs)",
+    )
     args = parser.parse_args()
     if args.tiny:
         args.tile = min(args.tile, 256)
@@ -218,7 +268,12 @@ def main() -> None:
     log("ingest")
     dev_test = ingest(Path(args.data), out / "train.zarr", args.tiny)
     rows = []
-    configs = candidates(args.gpu, args.tiny, args.models)
+    if args.augmentations:
+        variants = augmentation_variants(args.gpu, args.tiny)
+        wanted = {"all", *args.variants}
+        configs = {k: v for k, v in variants.items() if k.removeprefix("aug-") in wanted}
+    else:
+        configs = candidates(args.gpu, args.tiny, args.models)
     for i, (name, config) in enumerate(configs.items(), start=1):
         log(f"[{i}/{len(configs)}] {name}: train, tune, score")
         rows.append(run_candidate(name, config, out / "train.zarr", dev_test, out, args))
@@ -227,11 +282,12 @@ def main() -> None:
     result = {
         "benchmark": "gpu_suite",
         "tiny": args.tiny,
+        "study": "augmentations" if args.augmentations else "models",
         "seconds": round(time.perf_counter() - start, 1),
         "models": rows,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "results.md").write_text(table(rows))
+    (out / "results.md").write_text(table(rows, "aug-all" if args.augmentations else None))
     shutil.rmtree(out / "work", ignore_errors=True)
     log(f"done in {result['seconds']} s: {out / 'results.md'}")
     print(json.dumps({k: v for k, v in result.items() if k != "models"}))
