@@ -224,6 +224,43 @@ def test_early_stopping_and_best_tracking() -> None:
     assert restored.state() == progress.state()
 
 
+def test_init_from_fine_tunes_a_checkpoint_and_refuses_another_model(
+    first_run: tuple[Path, dict], store: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out, _ = first_run
+    start, _ = load_checkpoint(out / "best")
+    start.requires_grad_(False)
+    # A learning rate of ~0: the new run's weights are the ones it started from.
+    still = tiny_config(epochs=1, workers=1, optimizer={"lr": 1e-12, "warmup_epochs": 0})
+    recipe = tmp_path / "still.yaml"
+    recipe.write_text(dump_config(still))
+    run = tmp_path / "finetune"
+    argv = ["train", "--config", str(recipe), "--data", store, "--out", str(run)]
+    assert main([*argv, "--init-from", str(out / "best")]) == 0
+    tuned, card = load_checkpoint(run / "best")
+    for (name, a), b in zip(start.named_parameters(), tuned.parameters(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    # ...which are not what a fresh model starts from.
+    fresh = still.build_model().requires_grad_(False).parameters()
+    distance = sum(
+        float((a - c).abs().sum()) for a, c in zip(start.parameters(), fresh, strict=True)
+    )
+    assert distance > 1.0
+    assert card.training["config"]["init_from"] == str((out / "best").resolve())
+    # A checkpoint of another width: one line, before any training.
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(
+        dump_config(tiny_config(model={"name": "unet", "kwargs": {"base_channels": 4}}))
+    )
+    other = ["train", "--config", str(wide), "--data", store, "--out", str(tmp_path / "wide")]
+    capsys.readouterr()  # the first run's worker logs
+    assert main([*other, "--init-from", str(out / "best")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "init_from" in err[0] and "base_channels" in err[0], err
+    assert not (tmp_path / "wide").exists()  # refused before anything was written
+    assert main([*other, "--init-from", str(tmp_path / "nothing")]) == 2
+
+
 def test_a_run_of_another_model_is_not_resumed(store: str, tmp_path: Path) -> None:
     (tmp_path / "tiny").mkdir()
     (tmp_path / "train-config.yaml").write_text(dump_config(tiny_config()))

@@ -78,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "gpu": True if args.gpu else None,
         "epochs": args.epochs,
         "name": args.name,
+        "init_from": args.init_from,
         "data": {"store": args.data} if args.data else None,
     }
     config = load_train_config(args.config, merge_overrides(overrides, parse_assignments(args.set)))
@@ -179,6 +180,11 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--epochs", type=int)
     p.add_argument("--name", help="run name (same --out and name: resume)")
+    p.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start from this checkpoint's weights (e.g. nuclei-unet16-v3: fine-tune it)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config key")
     p.set_defaults(func=cmd_train)
 

@@ -135,6 +135,11 @@ class TrainConfig(StrictModel):
         description="exponential moving average of the weights per step (0: off); validation "
         "and checkpoints use the averaged weights, which chase noise less than the last step's",
     )
+    init_from: str | None = Field(
+        None,
+        description="start from this checkpoint's weights (a directory or shipped model name, "
+        "of the same architecture, width and target mode): fine-tune it on your annotations",
+    )
     log_every: int = Field(20, ge=1, description="steps between progress lines")
     normalization: Normalization = Normalization()
     postprocess: PostProcess = PostProcess()

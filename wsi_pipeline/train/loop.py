@@ -31,7 +31,7 @@ from wsi_pipeline.checkpoint import (
     save_checkpoint,
 )
 from wsi_pipeline.forward import forward
-from wsi_pipeline.models.registry import strip_wrappers
+from wsi_pipeline.models.registry import load_weights, strip_wrappers
 from wsi_pipeline.train.config import DataSection, OptimizerSection, TrainConfig
 from wsi_pipeline.train.device_crops import DeviceCrops
 from wsi_pipeline.train.evaluation import SCORES, score_tiles
@@ -182,6 +182,8 @@ class _Worker:
         model = build_model(card)
         if state is not None:
             model.load_state_dict(state.pop("raw_model", None) or state["model"])
+        elif config.init_from:  # a fresh run that fine-tunes a checkpoint; a resume has its own
+            load_weights(model, Path(config.init_from) / WEIGHTS)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         ddp_model = ray.train.torch.prepare_model(model)

@@ -30,10 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_pipeline import storage
-from wsi_pipeline.checkpoint import (
-    CARD,
-    WEIGHTS,
-)
+from wsi_pipeline.checkpoint import CARD, WEIGHTS, read_card, resolve_checkpoint
 from wsi_pipeline.config import ConfigError, save_config
 from wsi_pipeline.train.augment import crop_dataset
 from wsi_pipeline.train.config import DataSection, TrainConfig, load_train_config
@@ -88,6 +85,30 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
         )
 
 
+def _with_initial_weights(config: TrainConfig) -> TrainConfig:
+    """The config with ``init_from`` resolved to an absolute checkpoint directory (workers may
+    run elsewhere), after checking that its model is the recipe's.
+
+    Raises:
+        CheckpointError: no such checkpoint.
+        ConfigError: its architecture, width or output channels differ from the recipe's.
+    """
+    if not config.init_from:
+        return config
+    path = resolve_checkpoint(config.init_from).resolve()
+    card = read_card(path)
+    theirs = (card.architecture, card.kwargs, card.num_classes, card.target_mode)
+    ours = (config.model.name, config.model.kwargs, config.num_classes, config.data.target_mode)
+    if theirs != ours:
+        raise ConfigError(
+            f"config error: init_from: {path} is a {card.architecture} {card.kwargs} with "
+            f"{card.num_classes} outputs ({card.target_mode}); the recipe trains a "
+            f"{config.model.name} {config.model.kwargs} with {config.num_classes} "
+            f"({config.data.target_mode})"
+        )
+    return config.model_copy(update={"init_from": str(path)})
+
+
 def run_training(
     config: TrainConfig,
     store_path: str | Path,
@@ -118,6 +139,7 @@ def run_training(
             f"validation items for splits {config.data.train_splits} / {config.data.val_splits}"
         )
     _check_resumable(out, config)
+    config = _with_initial_weights(config)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, str(out / "train-config.yaml"))
     steps = default_steps(store, train_keys, config)
