@@ -220,6 +220,9 @@ def main() -> None:
             batch_size=args.batch_size,
             device=args.device,
             predictors=args.predictors,
+            # The layout of a GPU host (CPU tasks post-process), also with --device cpu: the
+            # benchmark measures how the CPU nodes' stages scale.
+            postprocess_in_predictor=False,
         )
         rate, device = predictor_rate(large, config, tiles=8 * args.batch_size)
         result: dict[str, Any] = {
