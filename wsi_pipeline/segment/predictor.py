@@ -56,7 +56,9 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, images: np.ndarray) -> np.ndarray:
         """``(B, H, W, 3)`` uint8 → ``(B, K, H, W)`` float32 probabilities."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        # Ray Data may hand over read-only views (its Arrow blocks); torch wants its own memory.
+        writable = images.flags.writeable and images.flags.c_contiguous
+        x = torch.from_numpy(images if writable else np.array(images)).to(self.device)
         probs = self._probabilities(x)
         if self.tta:  # x is (B, H, W, 3); probabilities are (B, K, H, W)
             probs = probs + self._probabilities(x.flip(2)).flip(-1)
