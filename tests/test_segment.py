@@ -36,9 +36,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 class HematoxylinOracle:
     """Stands in for a trained model on synthetic slides: nuclei are the dark purple pixels."""
 
-    def __init__(
-        self, checkpoint: str, device: str = "auto", tta: bool = False, threads: int = 0
-    ) -> None:
+    def __init__(self, checkpoint: str, device: str = "auto", tta: bool = False) -> None:
         self.mode = read_card(checkpoint).target_mode  # the channels the card's model has
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -125,7 +123,11 @@ def test_postprocessing_in_the_predictor_writes_the_same_nuclei_as_tasks(
     outputs = {}
     for fused in (True, False):
         config = SegmentConfig(
-            checkpoint=str(checkpoint), tile=256, overlap=48, postprocess_in_predictor=fused
+            checkpoint=str(checkpoint),
+            tile=256,
+            overlap=48,
+            postprocess_in_predictor=fused,
+            batch_size=2 if fused else 1,  # the actor post-processes every tile of its batch
         )
         out = tmp_path / str(fused)
         (result,) = segment_slides([str(slide_path)], str(out), config, predictor=HematoxylinOracle)
@@ -153,9 +155,7 @@ def _umask_022():
 class EverythingIsOneNucleus:
     """A model that sees one nucleus filling every tile: wider than any overlap."""
 
-    def __init__(
-        self, checkpoint: str, device: str = "auto", tta: bool = False, threads: int = 0
-    ) -> None:
+    def __init__(self, checkpoint: str, device: str = "auto", tta: bool = False) -> None:
         pass
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -406,7 +406,8 @@ def test_predictor_pool_on_a_cpu_runs_one_single_threaded_model_per_core_that_po
     assert cpu.size * cpu.cpus + READ_CPUS <= 2  # a read can always run beside them
     big = predictor_pool(SegmentConfig(), {"CPU": 16.0})
     assert big.size == 16 and big.size * big.cpus + READ_CPUS <= 16
-    assert predictor_pool(SegmentConfig(), {"CPU": 1.0}).size == 1
+    one = predictor_pool(SegmentConfig(), {"CPU": 1.0})
+    assert one.size == 1 and one.cpus + READ_CPUS <= 1
     # A GPU host: one actor per GPU with every core's threads; CPU tasks post-process.
     gpu = predictor_pool(SegmentConfig(), {"CPU": 16.0, "GPU": 2.0})
     assert (gpu.use_gpu, gpu.postprocess, gpu.size, gpu.threads, gpu.cpus, gpu.batch_size) == (

@@ -188,12 +188,14 @@ class SegmentConfig(StrictModel):
         None,
         ge=1,
         description="predictor actors (default: one per GPU; on a CPU, up to one per core, "
-        "started as tiles queue)",
+        "started as tiles queue, or one without postprocess_in_predictor); with "
+        "postprocess_in_predictor, the most the pool grows to",
     )
     cpus_per_predictor: float | None = Field(
         None,
         gt=0,
-        description="logical CPUs of a predictor actor (default: 1 on a GPU, 0.75 on a CPU)",
+        description="logical CPUs of a predictor actor (default: 1 on a GPU host, 0.75 on a "
+        "CPU host)",
     )
     predictor_threads: int | None = Field(
         None,

@@ -65,7 +65,9 @@ def _json_escape(match: re.Match[str]) -> str:
 
 def encode_feature(feature: dict[str, Any]) -> str:
     """A feature as compact JSON text, ASCII only (non-ASCII characters such as the µ of
-    QuPath's measurement names escaped, as ``json.dumps`` writes them).
+    QuPath's measurement names escaped, as ``json.dumps`` writes them). For the features this
+    package makes (string keys, finite numbers rounded to 0.01 or 0.0001) the text is the same as
+    ``json.dumps``'s; orjson writes NaN as ``null`` and needs C-contiguous arrays.
 
     orjson (a maintained Rust encoder) writes numpy arrays directly and runs about 7x faster
     than ``json.dumps`` on nucleus features, which are a large part of a tile's post-processing.

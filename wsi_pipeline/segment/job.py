@@ -25,6 +25,7 @@ re-running skips complete slides and redoes the others from scratch.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -625,20 +626,23 @@ def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> Predic
     up to one single-threaded actor per core runs the model *and* post-processes each tile: a
     model on one thread does more work per core than on several (3.2 against 2.2 tiles/s per
     core on the 2-core dev VM), and one process doing both leaves no core waiting for the other.
-    Each asks for 0.75 logical CPUs, so reads still get a share.
+    Each asks for 0.75 logical CPUs (at most all but a read's share), so reads still run. A
+    configured ``predictors`` is then the pool's most.
     """
     gpus = resources.get("GPU", 0)
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
     postprocess = (
         not use_gpu if config.postprocess_in_predictor is None else config.postprocess_in_predictor
     )
-    cpus = config.cpus_per_predictor or (GPU_PREDICTOR_CPUS if use_gpu else CPU_PREDICTOR_CPUS)
+    cores = resources.get("CPU", 1)
+    cpus = config.cpus_per_predictor or (
+        GPU_PREDICTOR_CPUS if use_gpu else min(CPU_PREDICTOR_CPUS, max(cores - READ_CPUS, 0.25))
+    )
     if config.predictors:
         size = config.predictors
     elif use_gpu:
         size = max(int(gpus), 1)
     elif postprocess:
-        cores = resources.get("CPU", 1)
         size = max(1, min(int(cores), int((cores - READ_CPUS) / cpus)))
     else:
         size = 1
@@ -687,6 +691,12 @@ def _column(values: list[Any]) -> np.ndarray:
     return np.asarray(values)
 
 
+def _takes(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` accepts the keyword ``name``."""
+    parameters = inspect.signature(cls).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def _graph(
     rows: list[dict[str, Any]],
     plans: dict[str, SlidePlan],
@@ -702,7 +712,7 @@ def _graph(
         "device": config.device,
         "tta": config.tta,
     }
-    if pool.threads:  # only then: a stand-in predictor need not take the option
+    if pool.threads and _takes(predictor, "threads"):  # a stand-in model may not take it
         predictor_kwargs["threads"] = pool.threads
     postprocess_kwargs = {
         "plans": plans,

@@ -65,11 +65,17 @@ def mask_polygon(
         return None
     # find_contours gives (row, col) at pixel centres of the padded array: shift by -1 (pad) and
     # +0.5 (centre → corner frame).
-    xy = (contour[:, ::-1] - 0.5) * scale + offset
+    xy = contour[:, ::-1] - 0.5
+    if simplify <= 0:  # one shapely construction, already in the output frame
+        return largest_polygon(Polygon(xy * scale + offset))
+    # Douglas-Peucker in mask px, then scaled and moved: its ties at the tolerance do not
+    # depend on the output frame.
     polygon = largest_polygon(Polygon(xy))
-    if polygon is not None and simplify > 0:
-        polygon = largest_polygon(polygon.simplify(simplify * scale, preserve_topology=True))
-    return polygon
+    if polygon is not None:
+        polygon = largest_polygon(polygon.simplify(simplify, preserve_topology=True))
+    if polygon is None:
+        return None
+    return shapely.transform(polygon, lambda c: c * scale + np.asarray(offset))
 
 
 def label_polygons(

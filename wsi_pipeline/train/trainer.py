@@ -85,7 +85,7 @@ def _check_resumable(out: Path, config: TrainConfig) -> None:
         )
 
 
-def _with_initial_weights(config: TrainConfig) -> TrainConfig:
+def _with_initial_weights(config: TrainConfig, store_mpp: float) -> TrainConfig:
     """The config with ``init_from`` resolved to an absolute checkpoint directory (workers may
     run elsewhere), after checking that its model is the recipe's.
 
@@ -105,6 +105,15 @@ def _with_initial_weights(config: TrainConfig) -> TrainConfig:
             f"{card.num_classes} outputs ({card.target_mode}); the recipe trains a "
             f"{config.model.name} {config.model.kwargs} with {config.num_classes} "
             f"({config.data.target_mode})"
+        )
+    if abs(card.mpp - store_mpp) > 0.01 * store_mpp:
+        logger.warning(
+            "init_from: %s was trained at %.3g µm/px, this store is at %.3g: its nuclei will "
+            "look %.2gx as large",
+            path,
+            card.mpp,
+            store_mpp,
+            card.mpp / store_mpp,
         )
     return config.model_copy(update={"init_from": str(path)})
 
@@ -139,7 +148,7 @@ def run_training(
             f"validation items for splits {config.data.train_splits} / {config.data.val_splits}"
         )
     _check_resumable(out, config)
-    config = _with_initial_weights(config)
+    config = _with_initial_weights(config, store.mpp)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, str(out / "train-config.yaml"))
     steps = default_steps(store, train_keys, config)
