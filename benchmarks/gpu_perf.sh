@@ -8,6 +8,8 @@
 #   SIZE=4096 NODES="1" CPUS=1 DEVICE=cpu OUT=/tmp/perf \
 #   SCALING_ARGS="--size 4096 --small-size 2048 --tile 256 --overlap 32 --base-channels 4" \
 #   bash benchmarks/gpu_perf.sh
+# On the lent GPU host, whose image lacks orjson, build the bundle with it:
+#   EXTRA_PKGS=orjson ../shared/tools/device-bundle
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-perf}
