@@ -13,7 +13,8 @@ Prints one JSON line. In the same run, on the same slide and tissue tiles:
 * ``profile_s``: where the job's seconds went (the slide's ``<slide>.json`` profile: planning,
   reads, forward, instance extraction, polygons, the driver's seams and writing, summed over
   tiles; and ``first_tile_s``, the start-up), ``cpu_busy_fraction`` (CPU seconds of the whole
-  process tree / wall / cores) and ``gpu_busy_fraction`` (forward seconds / wall, on a GPU).
+  process tree, sampled every 0.2 s, / wall / cores) and ``gpu_busy_fraction`` (forward seconds
+  / wall, on a GPU).
 
 By default the shipped model runs; ``--random-model NAME`` times any architecture with random
 weights (its speed does not depend on them; the nuclei it finds then mean nothing). Example
@@ -49,7 +50,7 @@ from wsi_pipeline.segment.job import (
 from wsi_pipeline.segment.predictor import Predictor
 
 
-def _tree(root: int) -> list[list[str]]:
+def _tree(root: int) -> dict[int, list[str]]:
     """The /proc/<pid>/stat fields (after the command name) of ``root`` and its descendants."""
     stats: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
@@ -66,37 +67,46 @@ def _tree(root: int) -> list[list[str]]:
         children = [p for p, s in stats.items() if int(s[1]) == parent and p not in family]
         family.update(children)
         frontier.extend(children)
-    return [stats[p] for p in family if p in stats]
+    return {p: stats[p] for p in family if p in stats}
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds (user + system, children waited for included) of a process tree."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    return sum(sum(int(s[i]) for i in (11, 12, 13, 14)) for s in _tree(root)) / ticks
+class TreeSampler(threading.Thread):
+    """Samples this process tree every 0.2 s while the job runs: peak RSS, and CPU seconds.
 
-
-def _tree_rss_bytes(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants (Linux /proc)."""
-    return sum(int(s[21]) for s in _tree(root)) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRss(threading.Thread):
-    """Samples the process tree's RSS every 0.2 s while the job runs."""
+    CPU is summed per process from each one's first to its last sample, so the work of Ray
+    workers and actors that exit before the end (whose time no parent collects) still counts,
+    all but their last 0.2 s.
+    """
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
-        self.peak = 0
+        self.peak_rss = 0
+        self._first: dict[int, int] = {}
+        self._last: dict[int, int] = {}
         self._done = threading.Event()
+        self._sample(initial=True)  # the processes already running count from now
+
+    def _sample(self, initial: bool = False) -> None:
+        tree = _tree(os.getpid())
+        self.peak_rss = max(
+            self.peak_rss, sum(int(s[21]) for s in tree.values()) * os.sysconf("SC_PAGE_SIZE")
+        )
+        for pid, s in tree.items():
+            ticks = sum(int(s[i]) for i in (11, 12))  # user + system of the process itself
+            self._first.setdefault(pid, ticks if initial else 0)
+            self._last[pid] = ticks
 
     def run(self) -> None:
-        while not self._done.is_set():
-            self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
-            self._done.wait(0.2)
+        while not self._done.wait(0.2):
+            self._sample()
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, float]:
+        """Peak RSS (bytes) and CPU seconds of the tree while it ran."""
         self._done.set()
         self.join()
-        return self.peak
+        self._sample()
+        ticks = sum(last - self._first[pid] for pid, last in self._last.items())
+        return self.peak_rss, ticks / os.sysconf("SC_CLK_TCK")
 
 
 def per_core_rate(checkpoint: str, images: list[np.ndarray], cores: int) -> float:
@@ -191,13 +201,12 @@ def main() -> None:
             "cpus": os.cpu_count(),
         }
 
-        sampler = PeakRss()
+        sampler = TreeSampler()
         sampler.start()
-        cpu_start = tree_cpu_seconds(os.getpid())
         start = time.perf_counter()
         (outcome,) = segment_slides([slide], str(Path(tmp) / "out"), config)
         seconds = time.perf_counter() - start
-        cpu = tree_cpu_seconds(os.getpid()) - cpu_start
+        peak_rss, cpu = sampler.stop()
         profile = json.loads(Path(outcome.geojson.replace(".geojson.gz", ".json")).read_text())
         result["profile_s"] = profile["profile"]
         cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
@@ -209,7 +218,7 @@ def main() -> None:
         result["batch_size"] = batch
         result["predictors"] = pool.size
         result["postprocess_in_predictor"] = pool.postprocess
-        result["pipeline_peak_rss_mb"] = round(sampler.stop() / 2**20, 1)
+        result["pipeline_peak_rss_mb"] = round(peak_rss / 2**20, 1)
         assert outcome.status == "complete", outcome.reason
         result["end_to_end_s"] = round(seconds, 2)
         result["end_to_end_tiles_per_s"] = round(outcome.tiles / seconds, 2)

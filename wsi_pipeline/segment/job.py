@@ -625,8 +625,8 @@ def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> Predic
     On a GPU, one actor per GPU runs the model and CPU tasks post-process. On a CPU, by default,
     up to one single-threaded actor per core runs the model *and* post-processes each tile: a
     model on one thread does more work per core than on several (on the 2-core dev VM two
-    single-threaded models ran 7.0 tiles/s side by side, one model on both cores 6.3), and one
-    process doing both leaves no core waiting for the other.
+    single-threaded models ran 7.0 tiles/s side by side, one model on both cores 6.3), and no
+    separate post-process tasks compete with the models for the cores.
     Each asks for 0.75 logical CPUs (at most all but a read's share), so reads still run. A
     configured ``predictors`` is then the pool's most.
     """
