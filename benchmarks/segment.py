@@ -40,13 +40,7 @@ from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint, save_checkpoint
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.models import create_model
-from wsi_pipeline.segment.job import (
-    READ_CPUS,
-    plan_slide,
-    predictor_pool,
-    read_tiles,
-    segment_slides,
-)
+from wsi_pipeline.segment.job import plan_slide, predictor_pool, segment_slides, tile_images
 from wsi_pipeline.segment.predictor import Predictor
 
 
@@ -229,23 +223,9 @@ def main() -> None:
         )
         if not args.e2e_only:
             start = time.perf_counter()
-            blocks = max(1, -(-len(rows) // batch))
-            ds = ray.data.from_items(rows, override_num_blocks=blocks)
-            images = [
-                r["image"]
-                for r in ds.map_batches(
-                    read_tiles,
-                    fn_kwargs={
-                        "plans": {slide: plan.without_tiles()},
-                        "mpp": card.mpp,
-                        "mpp_override": None,
-                    },
-                    batch_size=batch,
-                    num_cpus=READ_CPUS,
-                )
-                .select_columns(["image"])
-                .iter_rows()
-            ]
+            plans = {slide: plan.without_tiles()}
+            tiles = tile_images(rows, plans, card.mpp, config.mpp_override, batch)
+            images = [r["image"] for r in tiles.select_columns(["image"]).iter_rows()]
             result["read_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
 
             predictor = Predictor(checkpoint, device=args.device)

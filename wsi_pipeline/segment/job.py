@@ -698,6 +698,28 @@ def _takes(cls: type, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
+def tile_images(
+    rows: list[dict[str, Any]],
+    plans: dict[str, SlidePlan],
+    mpp: float,
+    mpp_override: float | None,
+    batch_size: int,
+) -> Any:
+    """The graph's read stage: tile rows → the same rows with their RGB pixels (``image``),
+    one read task per block of ``batch_size`` neighbouring tiles (one predictor batch)."""
+    import ray
+
+    blocks = max(1, min(math.ceil(len(rows) / batch_size), 4096))
+    # Reads are light (decode + resize). Their resources differ from the predictor's, so Ray
+    # Data keeps them in parallel tasks instead of fusing them into the predictor actors.
+    return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        read_tiles,
+        fn_kwargs={"plans": plans, "mpp": mpp, "mpp_override": mpp_override},
+        batch_size=batch_size,
+        num_cpus=READ_CPUS,
+    )
+
+
 def _graph(
     rows: list[dict[str, Any]],
     plans: dict[str, SlidePlan],
@@ -723,16 +745,7 @@ def _graph(
         "keep_all": config.labels,  # the label image needs every polygon on the driver
         "subpixel": config.subpixel,
     }
-    # Blocks of one predictor batch of neighbouring tiles: one read task each.
-    blocks = max(1, min(math.ceil(len(rows) / pool.batch_size), 4096))
-    # Reads are light (decode + resize). Their resources differ from the predictor's, so Ray
-    # Data keeps them in parallel tasks instead of fusing them into the predictor actors.
-    tiles = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-        read_tiles,
-        fn_kwargs={"plans": plans, "mpp": card.mpp, "mpp_override": config.mpp_override},
-        batch_size=pool.batch_size,
-        num_cpus=READ_CPUS,
-    )
+    tiles = tile_images(rows, plans, card.mpp, config.mpp_override, pool.batch_size)
     actors = {
         "batch_size": pool.batch_size,
         "num_gpus": 1 if pool.use_gpu else 0,
