@@ -105,19 +105,13 @@ def test_background_open_to_the_edge_is_not_a_hole_and_diagonal_gaps_do_not_open
 
 
 def _fill_with_binary_fill_holes(labels: np.ndarray) -> np.ndarray:
-    """The previous implementation, through ``binary_fill_holes``: the reference."""
-    four = ndi.generate_binary_structure(2, 1)
+    """The previous implementation, holes through ``binary_fill_holes``: the reference."""
+    from wsi_pipeline.segment.instances import _fill_single_instance_holes
+
     foreground = labels > 0
+    four = ndi.generate_binary_structure(2, 1)
     holes, n_holes = ndi.label(ndi.binary_fill_holes(foreground) & ~foreground, structure=four)
-    if not n_holes:
-        return labels
-    rim = ndi.grey_dilation(holes, footprint=four) * foreground
-    pairs = np.unique(np.stack([rim[rim > 0], labels[rim > 0]]), axis=1)
-    hole_ids, first, n_neighbours = np.unique(pairs[0], return_index=True, return_counts=True)
-    fill = np.zeros(n_holes + 1, dtype=labels.dtype)
-    single = n_neighbours == 1
-    fill[hole_ids[single]] = pairs[1, first[single]]
-    return np.where(holes > 0, fill[holes], labels)
+    return _fill_single_instance_holes(labels, holes, n_holes) if n_holes else labels
 
 
 def test_hole_filling_equals_binary_fill_holes_on_touching_instances() -> None:

@@ -168,21 +168,31 @@ def _watershed_from_distance(foreground: np.ndarray, min_distance: int) -> np.nd
 
 def _fill_enclosed_holes(labels: np.ndarray) -> np.ndarray:
     """Fill background regions enclosed by exactly one instance with that instance's label."""
-    foreground = labels > 0
-    # Holes are the background components (4-connected, as binary_fill_holes has them) that do
-    # not reach the image edge; labelling the background once is 2.3x faster than filling.
+    holes, n_holes = _enclosed_holes(labels > 0)
+    if not holes.any():
+        return labels
+    return _fill_single_instance_holes(labels, holes, n_holes)
+
+
+def _enclosed_holes(foreground: np.ndarray) -> tuple[np.ndarray, int]:
+    """Background components that do not reach the image edge (4-connected, as
+    ``binary_fill_holes`` has them), labelled; and the largest label there may be. Labelling the
+    background once is 2.3x faster than filling."""
     background, n_background = ndi.label(~foreground, structure=_FOUR)
     is_hole = np.ones(n_background + 1, dtype=bool)
     is_hole[[0, *np.unique(_edge_pixels(background))]] = False
-    if not is_hole.any():
-        return labels
-    holes = np.where(is_hole[background], background, 0)
+    return np.where(is_hole[background], background, 0), n_background
+
+
+def _fill_single_instance_holes(labels: np.ndarray, holes: np.ndarray, n_holes: int) -> np.ndarray:
+    """Give each hole (labels ``1..n_holes``) the instance on its rim, if there is one only."""
+    foreground = labels > 0
     # Pair every hole with the instances on its one-pixel rim; a hole shared by several
     # instances (a gap between touching nuclei, a lumen) stays background.
     rim = ndi.grey_dilation(holes, footprint=_FOUR) * foreground
     pairs = np.unique(np.stack([rim[rim > 0], labels[rim > 0]]), axis=1)
     hole_ids, first, n_neighbours = np.unique(pairs[0], return_index=True, return_counts=True)
-    fill = np.zeros(n_background + 1, dtype=labels.dtype)
+    fill = np.zeros(n_holes + 1, dtype=labels.dtype)
     single = n_neighbours == 1
     fill[hole_ids[single]] = pairs[1, first[single]]
     return np.where(holes > 0, fill[holes], labels)
