@@ -206,8 +206,8 @@ class SegmentConfig(StrictModel):
     postprocess_in_predictor: bool | None = Field(
         None,
         description="post-process each tile in the predictor actor that made its probabilities "
-        "(default: on a CPU, where single-threaded predictors then keep every core busy; on a "
-        "GPU, CPU tasks post-process while the GPU runs)",
+        "(default: on a CPU, where one single-threaded predictor per core does more work per "
+        "core than one on every core; on a GPU, CPU tasks post-process while the GPU runs)",
     )
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
     mpp_override: float | None = Field(
