@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import tempfile
 import threading
@@ -64,8 +65,41 @@ def _tree(root: int) -> dict[int, list[str]]:
     return {p: stats[p] for p in family if p in stats}
 
 
+def _pss(pid: int) -> int:
+    """Proportional set size of ``pid`` in bytes (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _has_torch(pid: int) -> bool:
+    """Whether ``pid`` has torch's C++ library mapped, i.e. has imported torch."""
+    try:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def _title(pid: int) -> str:
+    """A process's title without the method it is running (Ray names its workers
+    ``ray::<task or actor>[.<method>]``)."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_text().split("\0")[0].strip()
+    except OSError:
+        return str(pid)
+    return re.sub(r"\)\.\w+$", ")", title) or str(pid)
+
+
 class TreeSampler(threading.Thread):
-    """Samples this process tree every 0.2 s while the job runs: peak RSS, and CPU seconds.
+    """Samples this process tree every 0.2 s while the job runs: peak RSS and PSS, the Ray
+    processes that load torch, and CPU seconds.
+
+    RSS counts a page shared by several processes (Ray's object store, libraries) once per
+    process; PSS divides it among them, so the sum of PSS is the memory the tree really holds.
 
     CPU is summed per process from each one's first to its last sample, so the work of Ray
     workers and actors that exit before the end (whose time no parent collects) still counts,
@@ -75,6 +109,8 @@ class TreeSampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak_rss = 0
+        self.peak_pss = 0
+        self.torch_processes: set[str] = set()  # titles of the processes with torch loaded
         self._first: dict[int, int] = {}
         self._last: dict[int, int] = {}
         self._done = threading.Event()
@@ -85,6 +121,10 @@ class TreeSampler(threading.Thread):
         self.peak_rss = max(
             self.peak_rss, sum(int(s[21]) for s in tree.values()) * os.sysconf("SC_PAGE_SIZE")
         )
+        self.peak_pss = max(self.peak_pss, sum(_pss(pid) for pid in tree))
+        for pid in tree:
+            if pid != os.getpid() and _has_torch(pid):
+                self.torch_processes.add(_title(pid))
         for pid, s in tree.items():
             ticks = sum(int(s[i]) for i in (11, 12))  # user + system of the process itself
             self._first.setdefault(pid, ticks if initial else 0)
@@ -94,13 +134,13 @@ class TreeSampler(threading.Thread):
         while not self._done.wait(0.2):
             self._sample()
 
-    def stop(self) -> tuple[int, float]:
-        """Peak RSS (bytes) and CPU seconds of the tree while it ran."""
+    def stop(self) -> float:
+        """Stops sampling; the CPU seconds of the tree while it ran."""
         self._done.set()
         self.join()
         self._sample()
         ticks = sum(last - self._first[pid] for pid, last in self._last.items())
-        return self.peak_rss, ticks / os.sysconf("SC_CLK_TCK")
+        return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def per_core_rate(checkpoint: str, images: list[np.ndarray], cores: int) -> float:
@@ -200,7 +240,7 @@ def main() -> None:
         start = time.perf_counter()
         (outcome,) = segment_slides([slide], str(Path(tmp) / "out"), config)
         seconds = time.perf_counter() - start
-        peak_rss, cpu = sampler.stop()
+        cpu = sampler.stop()
         profile = json.loads(Path(outcome.geojson.replace(".geojson.gz", ".json")).read_text())
         result["profile_s"] = profile["profile"]
         cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
@@ -212,7 +252,9 @@ def main() -> None:
         result["batch_size"] = batch
         result["predictors"] = pool.size
         result["postprocess_in_predictor"] = pool.postprocess
-        result["pipeline_peak_rss_mb"] = round(peak_rss / 2**20, 1)
+        result["pipeline_peak_rss_mb"] = round(sampler.peak_rss / 2**20, 1)
+        result["pipeline_peak_pss_mb"] = round(sampler.peak_pss / 2**20, 1)
+        result["torch_processes"] = sorted(sampler.torch_processes)
         assert outcome.status == "complete", outcome.reason
         result["end_to_end_s"] = round(seconds, 2)
         result["end_to_end_tiles_per_s"] = round(outcome.tiles / seconds, 2)
