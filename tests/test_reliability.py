@@ -185,6 +185,54 @@ def test_bad_configs_are_one_line_before_any_work(
     assert not (out / "summary.csv").exists()  # no work was done
 
 
+def test_weights_that_do_not_fit_their_card_fail_in_one_line_with_nothing_written(
+    slide_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The driver checks checkpoints without torch; weights of another width pass that check,
+    fail in the predictors, and are then reported in one line."""
+    from wsi_pipeline.checkpoint import resolve_checkpoint
+
+    wider = tmp_path / "wider"
+    shutil.copytree(resolve_checkpoint(None), wider)
+    card = json.loads((wider / "model.json").read_text())
+    card["kwargs"]["base_channels"] *= 2
+    (wider / "model.json").write_text(json.dumps(card))
+    out = tmp_path / "results"
+    argv = ["segment", str(slide_path), "--out", str(out), "--checkpoint", str(wider)]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot load the weights" in errors[0], errors
+    assert "do not match" in errors[0]
+    assert not (out / "summary.csv").exists()
+    assert not list(out.glob("*.geojson*")) and not list(out.glob(f"{TMP_PREFIX}*"))
+
+
+def test_the_segment_driver_runs_without_torch_and_reports_only_its_progress(
+    slide_path: Path, tmp_path: Path
+) -> None:
+    """The command line's process plans, stitches and writes; only the predictors load torch.
+    Run with torch made unimportable in the driver, joined to the tests' Ray. Its stderr has
+    the job's progress in tiles, not Ray Data's per-operator progress logs."""
+    import subprocess
+    import sys
+
+    import ray
+
+    code = (
+        "import sys; sys.modules['torch'] = None;"
+        "from wsi_pipeline.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    )
+    out = tmp_path / "results"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    argv = [sys.executable, "-c", code, "segment", str(slide_path), "--out", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = summary(out)["synthetic.tiff"]
+    assert row["status"] == "complete" and int(row["nuclei"]) > 0
+    assert f"segment 1 slides: {row['tiles']}/{row['tiles']} tiles (100 %)" in run.stderr
+    assert "Dataset" not in run.stderr and "Progress" not in run.stderr, run.stderr
+
+
 def test_a_failed_reingest_leaves_the_store_as_it_was(tmp_path: Path, capsys) -> None:
     from wsi_pipeline.train.store import open_store
 

@@ -7,14 +7,15 @@
 ```
 
 Loading needs neither Ray nor the training code, and never unpickles arbitrary objects. The
-card side (reading and resolving) does not import torch, so processes that run no model (slide
-reads, post-processing) stay small.
+card side (reading, resolving and :func:`check_checkpoint`) does not import torch, so processes
+that run no model (the job's driver, slide reads, post-processing) stay small.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -74,6 +75,9 @@ class ModelCard(BaseModel):
     num_classes: int = 3
     target_mode: Literal["3class", "binary", "distance"] = "3class"
     mpp: float = Field(gt=0, description="µm/px the model was trained at; inference reads at it")
+    size_divisor: int | None = Field(
+        None, ge=1, description="input H and W must be multiples of this (None: older cards)"
+    )
     normalization: Normalization = Field(default_factory=Normalization)
     postprocess: PostProcess = Field(default_factory=PostProcess)
     datasets: list[str] = Field(default_factory=list)
@@ -109,12 +113,14 @@ def save_checkpoint(
     state = {}
     import torch
 
-    from wsi_pipeline.models.registry import strip_wrappers
+    from wsi_pipeline.models.registry import size_divisor, strip_wrappers
 
     for key, value in strip_wrappers(model.state_dict()).items():
         value = value.detach().cpu()
         state[key] = value.half() if half and value.is_floating_point() else value
     torch.save(state, path / WEIGHTS)
+    if card.size_divisor is None:
+        card = card.model_copy(update={"size_divisor": size_divisor(card.architecture)})
     (path / CARD).write_text(card.model_dump_json(indent=2))
     return path
 
@@ -129,6 +135,31 @@ def read_card(checkpoint: str | Path | None) -> ModelCard:
         raise CheckpointError(f"{card_file}: not a valid model card ({error_line(exc)})") from None
 
 
+def check_checkpoint(checkpoint: str | Path | None) -> tuple[Path, ModelCard]:
+    """The directory and card of a checkpoint, checked without torch: a valid card, and a
+    weights file that is an intact torch archive (every member's CRC matches). Weights that do
+    not fit the architecture show only when a model loads them (:func:`load_checkpoint`).
+
+    Raises:
+        CheckpointError: missing, corrupt, or not a torch archive.
+    """
+    path = resolve_checkpoint(checkpoint)
+    card = read_card(path)
+    weights = path / WEIGHTS
+    if not weights.exists():
+        raise CheckpointError(f"{path}: not a checkpoint (no {WEIGHTS})")
+    try:
+        with zipfile.ZipFile(weights) as archive:
+            corrupt, names = archive.testzip(), archive.namelist()
+    except Exception as exc:  # truncated, not a zip, unreadable
+        raise CheckpointError(f"{weights}: cannot load the weights ({error_line(exc)})") from None
+    if corrupt:
+        raise CheckpointError(f"{weights}: cannot load the weights ({corrupt} is corrupt)")
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise CheckpointError(f"{weights}: cannot load the weights (not a torch.save archive)")
+    return path, card
+
+
 def load_checkpoint(
     checkpoint: str | Path | None, *, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, ModelCard]:
@@ -137,7 +168,10 @@ def load_checkpoint(
 
     path = resolve_checkpoint(checkpoint)
     card = read_card(path)
-    model = build_model(card)
+    try:
+        model = build_model(card)
+    except (ValueError, TypeError) as exc:  # an unknown architecture or keyword
+        raise CheckpointError(f"{path / CARD}: {error_line(exc)}") from None
     weights = path / WEIGHTS
     if not weights.exists():
         raise CheckpointError(f"{path}: not a checkpoint (no {WEIGHTS})")

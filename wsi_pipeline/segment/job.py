@@ -41,7 +41,13 @@ import zarr
 
 from wsi_pipeline import __version__, storage
 from wsi_pipeline.batch import COMPLETE, FAILED, SKIPPED, SlideResult, Status, error_line
-from wsi_pipeline.checkpoint import ModelCard, load_checkpoint, read_card, resolve_checkpoint
+from wsi_pipeline.checkpoint import (
+    CheckpointError,
+    ModelCard,
+    check_checkpoint,
+    load_checkpoint,
+    read_card,
+)
 from wsi_pipeline.config import ConfigError, SegmentConfig, save_config
 from wsi_pipeline.progress import Progress
 from wsi_pipeline.segment.geojson import FeatureWriter
@@ -456,19 +462,33 @@ def prepare_config(config: SegmentConfig) -> SegmentConfig:
     """Fail fast, in one line, on what would fail every slide; the config with the checkpoint
     that will run (path or shipped name resolved).
 
+    Checks without torch (the driver runs no model) what a checkpoint's card and archive can
+    show (:func:`~wsi_pipeline.checkpoint.check_checkpoint`); weights that do not fit their
+    architecture are reported by :func:`segment_slides` when the predictors fail to load them.
+
     Raises:
         CheckpointError: the checkpoint is missing, corrupt or not a model's.
         ConfigError: the tile does not fit the model.
     """
-    checkpoint = resolve_checkpoint(config.checkpoint)
-    model, card = load_checkpoint(checkpoint)
-    divisor = int(getattr(model, "size_divisor", 1))
+    checkpoint, card = check_checkpoint(config.checkpoint)
+    divisor = card.size_divisor or _architecture_divisor(checkpoint, card)
     if config.tile % divisor:
         raise ConfigError(
             f"config error: tile: {config.tile} is not a multiple of {divisor}, which "
             f"{card.architecture} needs (try {config.tile // divisor * divisor or divisor})"
         )
     return config.model_copy(update={"checkpoint": str(checkpoint.resolve())})
+
+
+def _architecture_divisor(checkpoint: Path, card: ModelCard) -> int:
+    """The size divisor of a card written before cards recorded it: from the architecture's
+    class (which imports torch)."""
+    from wsi_pipeline.models import size_divisor  # registers the architectures
+
+    try:
+        return size_divisor(card.architecture)
+    except ValueError as exc:
+        raise CheckpointError(f"{checkpoint}: {error_line(exc)}") from None
 
 
 def segment_slides(
@@ -485,10 +505,12 @@ def segment_slides(
         out_dir: local output directory; ``segment-config.yaml`` there records what ran.
         config: the job's configuration (no ``checkpoint``: the shipped default model).
         predictor: the callable class that turns tile batches into probabilities (default:
-            :class:`~wsi_pipeline.segment.predictor.Predictor`).
+            :class:`ModelPredictor`, the checkpoint's model).
+
+    Raises:
+        CheckpointError: the predictors could not load the checkpoint (checked again here
+            when the job fails, so that the user reads why in one line).
     """
-    if predictor is None:  # imported here: the job's CPU tasks run no model and need no torch
-        from wsi_pipeline.segment.predictor import Predictor as predictor
     config = prepare_config(config)
     card = read_card(config.checkpoint)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -500,13 +522,16 @@ def segment_slides(
         if rows:
             plans = {slide: w.plan.without_tiles() for slide, w in batch.writing.items()}
             tiles = Progress(len(rows), f"segment {len(batch.writing)} slides", unit="tiles")
-            for row in _graph(rows, plans, card, config, predictor).iter_rows():
+            graph = _graph(rows, plans, card, config, predictor or ModelPredictor)
+            for row in graph.iter_rows():
                 tiles.update()
                 batch.add(row)
             tiles.close()
         batch.finish_all()
-    except BaseException:
+    except BaseException as exc:
         batch.abort()  # nothing of this run is left under a temporary name
+        if predictor is None and isinstance(exc, Exception):
+            load_checkpoint(config.checkpoint)  # raises, in one line, if the weights are why
         raise
     return [batch.results[s] for s in slides]
 
@@ -656,6 +681,19 @@ def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> Predic
         threads=threads,
         postprocess=postprocess,
     )
+
+
+class ModelPredictor:
+    """The default predictor: a :class:`~wsi_pipeline.segment.predictor.Predictor`, imported
+    by the actor that runs it, so that the driver never imports torch."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        from wsi_pipeline.segment.predictor import Predictor
+
+        self.predictor = Predictor(**kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.predictor(batch)
 
 
 class PredictThenPostprocess:
