@@ -23,8 +23,8 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def init_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; quiet unless asked."""
+def init_ray(verbose: bool = False) -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray; quiet unless ``verbose``."""
     import ray
 
     if not ray.is_initialized():
@@ -32,6 +32,18 @@ def init_ray() -> None:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         where = os.environ.get("RAY_ADDRESS") or "a new local Ray"
         logger.info("Ray: %s (%s; %d CPUs)", where, context.address_info["gcs_address"], cpus)
+    if not verbose:
+        quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress in this process: the commands report their own, in tiles, shards or
+    steps, and Ray Data's (bars on a terminal, else a block of log lines every 10 s per
+    operator) would bury it. Ray Data's errors still show; ``--verbose`` keeps it all."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def config_from_args(model: type, args: argparse.Namespace) -> Any:
@@ -88,7 +100,7 @@ def run_batch(
     if prepare is not None:
         config = prepare(config)
     slides = expand_inputs(args.inputs)
-    init_ray()
+    init_ray(args.verbose)
     start = time.perf_counter()
     results = run(slides, args.out, config)
     summary = storage.join(args.out, "summary.csv")

@@ -195,7 +195,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[1/4] synthetic H&E slide, {w}x{h} px at 0.25 µm/px, known nuclei -> {slide}")
     print("      " + _write_synthetic_slide(str(slide), args.size, mpp=0.25, truth=str(truth)))
     print(f"[2/4] segmenting it with {checkpoint.name} on local Ray -> {results}")
-    init_ray()
+    init_ray(args.verbose)
     config = SegmentConfig(checkpoint=str(checkpoint), overwrite=True)
     (result,) = segment_slides([str(slide)], str(results), config)
     write_results_csv([result], str(results / "summary.csv"))

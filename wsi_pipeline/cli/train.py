@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, merge_overrides(overrides, parse_assignments(args.set)))
     out = args.out or os.path.join("runs", config.name)
     open_store(config.data.store)  # a missing store fails before Ray starts
-    init_ray()
+    init_ray(args.verbose)
     try:
         summary = run_training(config, config.data.store, out)
     except ray.train.TrainingFailedError as exc:
