@@ -9,7 +9,9 @@ Prints one JSON line. In the same run, on the same slide and tissue tiles:
   and ``ratio_steady_vs_predictor``, the same once the first tile is back (start-up excluded);
 * on a CPU, ``predictor_per_core_tiles_per_s``: one single-threaded model per core side by side
   (what the job runs there), and ``ratio_e2e_vs_per_core``;
-* ``nuclei_per_s``, and the peak RSS of the driver and of the driver plus every Ray process;
+* ``nuclei_per_s``, and the peak RSS of the driver and of the driver plus every Ray process,
+  and that tree's peak PSS (shared pages divided among the processes mapping them);
+  ``torch_processes``: how many of Ray's processes loaded torch, by title;
 * ``profile_s``: where the job's seconds went (the slide's ``<slide>.json`` profile: planning,
   reads, forward, instance extraction, polygons, the driver's seams and writing, summed over
   tiles; and ``first_tile_s``, the start-up), ``cpu_busy_fraction`` (CPU seconds of the whole
@@ -33,6 +35,7 @@ import resource
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +113,7 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.peak_rss = 0
         self.peak_pss = 0
-        self.torch_processes: set[str] = set()  # titles of the processes with torch loaded
+        self.torch_pids: dict[int, str] = {}  # the processes with torch loaded: their titles
         self._first: dict[int, int] = {}
         self._last: dict[int, int] = {}
         self._done = threading.Event()
@@ -123,8 +126,8 @@ class TreeSampler(threading.Thread):
         )
         self.peak_pss = max(self.peak_pss, sum(_pss(pid) for pid in tree))
         for pid in tree:
-            if pid != os.getpid() and _has_torch(pid):
-                self.torch_processes.add(_title(pid))
+            if pid != os.getpid() and pid not in self.torch_pids and _has_torch(pid):
+                self.torch_pids[pid] = _title(pid)
         for pid, s in tree.items():
             ticks = sum(int(s[i]) for i in (11, 12))  # user + system of the process itself
             self._first.setdefault(pid, ticks if initial else 0)
@@ -254,7 +257,7 @@ def main() -> None:
         result["postprocess_in_predictor"] = pool.postprocess
         result["pipeline_peak_rss_mb"] = round(sampler.peak_rss / 2**20, 1)
         result["pipeline_peak_pss_mb"] = round(sampler.peak_pss / 2**20, 1)
-        result["torch_processes"] = sorted(sampler.torch_processes)
+        result["torch_processes"] = dict(Counter(sampler.torch_pids.values()))
         assert outcome.status == "complete", outcome.reason
         result["end_to_end_s"] = round(seconds, 2)
         result["end_to_end_tiles_per_s"] = round(outcome.tiles / seconds, 2)

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -225,8 +226,13 @@ def test_the_segment_driver_runs_without_torch_and_reports_only_its_progress(
     out = tmp_path / "results"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     argv = [sys.executable, "-c", code, "segment", str(slide_path), "--out", str(out)]
+    start = time.perf_counter()
     run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    seconds = time.perf_counter() - start
     assert run.returncode == 0, run.stderr[-2000:]
+    # The profile's start-up: the command's seconds before the job, then to its first tile.
+    profile = json.loads((out / "synthetic.json").read_text())["profile"]
+    assert 0 < profile["before_job_s"] < profile["before_job_s"] + profile["first_tile_s"] < seconds
     row = summary(out)["synthetic.tiff"]
     assert row["status"] == "complete" and int(row["nuclei"]) > 0
     assert f"segment 1 slides: {row['tiles']}/{row['tiles']} tiles (100 %)" in run.stderr

@@ -86,7 +86,16 @@ GPU_BATCH_SIZE, CPU_BATCH_SIZE = 8, 1
 # Where a slide's seconds go: planning (tissue), reads, the model, instance extraction, polygons
 # and GeoJSON text (tasks, summed over tiles), seams and writing (the driver), and how long after
 # the job's start its first tile came back.
-PROFILE = ("plan_s", "read_s", "forward_s", "instances_s", "polygons_s", "driver_s", "first_tile_s")
+PROFILE = (
+    "plan_s",
+    "read_s",
+    "forward_s",
+    "instances_s",
+    "polygons_s",
+    "driver_s",
+    "first_tile_s",
+    "before_job_s",
+)
 
 
 @dataclass(frozen=True)
@@ -542,6 +551,7 @@ class _Batch:
     def __init__(self, out_dir: str, card: ModelCard, config: SegmentConfig) -> None:
         self.out_dir, self.card, self.config = out_dir, card, config
         self.start = time.perf_counter()
+        self.before_job = process_age()  # a CLI run: its imports, checks and Ray's start
         self.results: dict[str, SegmentResult] = {}
         self.writing: dict[str, SlideOutputs] = {}
         self.labelling: dict[str, SlideOutputs] = {}
@@ -559,6 +569,7 @@ class _Batch:
                 plan = plan_slide(slide, self.card, self.config)
                 self.writing[slide] = SlideOutputs(plan, self.out_dir, self.card, self.config)
                 self.writing[slide].profile["plan_s"] = time.perf_counter() - start
+                self.writing[slide].profile["before_job_s"] = self.before_job
             except Exception as exc:  # any broken slide is a failed row, never a crash
                 self._fail(slide, error_line(exc))
                 continue
@@ -623,6 +634,16 @@ class _Batch:
     def _fail(self, slide: str, reason: str) -> None:
         self.results[slide] = SegmentResult(slide, FAILED, reason)
         logger.warning("%s: failed: %s", slide, reason)
+
+
+def process_age() -> float:
+    """Seconds since this process started (from ``/proc``; 0 where there is none)."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(uptime - started / os.sysconf("SC_CLK_TCK"), 0.0)
 
 
 def predictor_batch_size(batch_size: int | None, use_gpu: bool) -> int:
