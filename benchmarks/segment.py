@@ -203,11 +203,17 @@ def main() -> None:
     parser.add_argument(
         "--e2e-only", action="store_true", help="skip the read-only and predictor-only passes"
     )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        help="logical CPUs of the local Ray (default: the host's); e.g. 16 on a 2-core host to "
+        "see the processes and memory of a 16-core node's layout (not its speed)",
+    )
     args = parser.parse_args()
 
     import ray
 
-    ray.init(logging_level="ERROR", include_dashboard=False)
+    ray.init(logging_level="ERROR", include_dashboard=False, num_cpus=args.num_cpus)
     with tempfile.TemporaryDirectory() as tmp:
         slide = args.slide or str(Path(tmp) / "bench.tiff")
         if not args.slide:
