@@ -35,7 +35,7 @@ def test_demo_runs_its_steps_as_calls_and_stops_at_a_failed_one(
     parsed = []
     build_parser = cli.build_parser
     monkeypatch.setattr(cli, "build_parser", lambda: parsed.append(1) or build_parser())
-    monkeypatch.setattr(cli, "init_ray", lambda: None)
+    monkeypatch.setattr(cli, "init_ray", lambda verbose=False: None)
     monkeypatch.setattr(
         job,
         "segment_slides",
