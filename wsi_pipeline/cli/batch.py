@@ -39,7 +39,7 @@ def init_ray(verbose: bool = False) -> None:
             logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False
         )
         cpus = int(ray.cluster_resources().get("CPU", 0))
-        where = os.environ.get("RAY_ADDRESS") or "a new local Ray"
+        where = os.environ.get("RAY_ADDRESS") or "this machine"
         logger.info("Ray: %s (%s; %d CPUs)", where, context.address_info["gcs_address"], cpus)
     if not verbose:
         quiet_ray_data()
@@ -48,11 +48,14 @@ def init_ray(verbose: bool = False) -> None:
 def quiet_ray_data() -> None:
     """No Ray Data progress in this process: the commands report their own, in tiles, shards or
     steps, and Ray Data's (bars on a terminal, else a block of log lines every 10 s per
-    operator) would bury it. Ray Data's errors still show; ``--verbose`` keeps it all."""
+    operator) would bury it. Ray Data's warnings still show (e.g. resources a stage can never
+    get); ``--verbose`` keeps it all."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # not each execution's plan
+    # Only the warning that progress bars are off, which is what was asked for.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def config_from_args(model: type, args: argparse.Namespace) -> Any:
