@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from wsi_pipeline.checkpoint import (
     CheckpointError,
@@ -72,8 +74,10 @@ def _flip_a_stored_byte(weights: Path) -> None:
     with zipfile.ZipFile(weights) as archive:
         info = max(archive.infolist(), key=lambda i: i.file_size)
     raw = bytearray(weights.read_bytes())
-    header = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
-    raw[header + info.file_size // 2] ^= 0xFF
+    # The local header's own name and extra lengths (at +26), not the central directory's.
+    name_length, extra_length = struct.unpack_from("<HH", raw, info.header_offset + 26)
+    data_start = info.header_offset + 30 + name_length + extra_length
+    raw[data_start + info.file_size // 2] ^= 0xFF
     weights.write_bytes(bytes(raw))
 
 
@@ -99,3 +103,49 @@ def test_damaged_weights_are_found_without_loading_them(
     damage(path / "model.pt")
     with pytest.raises(CheckpointError, match=reason):
         check_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "save",
+    [
+        pytest.param(
+            lambda state, f: torch.save(state, f, _use_new_zipfile_serialization=False),
+            id="legacy-format",
+        ),
+        pytest.param(lambda state, f: _save_without_crcs(state, f), id="crc-off"),
+    ],
+)
+def test_weights_torch_loads_are_not_refused(save, lanet: Path) -> None:
+    """Formats ``torch.load`` accepts pass the check and load: the pre-archive format, and
+    archives written with torch's CRCs turned off (stored as 0)."""
+    model, _ = load_checkpoint(lanet)
+    save(model.state_dict(), lanet / "model.pt")
+    check_checkpoint(lanet)
+    reloaded, _ = load_checkpoint(lanet)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value)
+
+
+def _save_without_crcs(state: dict, path: Path) -> None:
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(path) as archive:
+        assert any(info.CRC == 0 and info.file_size for info in archive.infolist())
+
+
+def test_after_a_failed_job_the_weights_are_blamed_only_when_they_do_not_load(
+    lanet: Path,
+) -> None:
+    from wsi_pipeline.segment.job import _raise_if_the_weights_are_why
+
+    failure = RuntimeError("a worker died")
+    _raise_if_the_weights_are_why(str(lanet), failure)  # they load: the job's error stands
+    card = json.loads((lanet / "model.json").read_text())
+    card["kwargs"] = {"agg_channels": 7}
+    (lanet / "model.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="cannot load the weights") as raised:
+        _raise_if_the_weights_are_why(str(lanet), failure)
+    assert raised.value.__cause__ is failure

@@ -119,8 +119,8 @@ def save_checkpoint(
         value = value.detach().cpu()
         state[key] = value.half() if half and value.is_floating_point() else value
     torch.save(state, path / WEIGHTS)
-    if card.size_divisor is None:
-        card = card.model_copy(update={"size_divisor": size_divisor(card.architecture)})
+    # Always the architecture's own: a card copied from another model must not carry its divisor.
+    card = card.model_copy(update={"size_divisor": size_divisor(card.architecture)})
     (path / CARD).write_text(card.model_dump_json(indent=2))
     return path
 
@@ -137,8 +137,10 @@ def read_card(checkpoint: str | Path | None) -> ModelCard:
 
 def check_checkpoint(checkpoint: str | Path | None) -> tuple[Path, ModelCard]:
     """The directory and card of a checkpoint, checked without torch: a valid card, and a
-    weights file that is an intact torch archive (every member's CRC matches). Weights that do
-    not fit the architecture show only when a model loads them (:func:`load_checkpoint`).
+    weights file that is an intact torch archive (every member's CRC that was recorded
+    matches). A legacy ``torch.save`` file (not a zip archive) is accepted unchecked. Weights
+    that do not fit the architecture show only when a model loads them
+    (:func:`load_checkpoint`).
 
     Raises:
         CheckpointError: missing, corrupt, or not a torch archive.
@@ -149,8 +151,10 @@ def check_checkpoint(checkpoint: str | Path | None) -> tuple[Path, ModelCard]:
     if not weights.exists():
         raise CheckpointError(f"{path}: not a checkpoint (no {WEIGHTS})")
     try:
+        if _is_legacy_torch_file(weights):
+            return path, card
         with zipfile.ZipFile(weights) as archive:
-            corrupt, names = archive.testzip(), archive.namelist()
+            corrupt, names = _corrupt_member(archive), archive.namelist()
     except Exception as exc:  # truncated, not a zip, unreadable
         raise CheckpointError(f"{weights}: cannot load the weights ({error_line(exc)})") from None
     if corrupt:
@@ -158,6 +162,33 @@ def check_checkpoint(checkpoint: str | Path | None) -> tuple[Path, ModelCard]:
     if not any(name.endswith("/data.pkl") for name in names):
         raise CheckpointError(f"{weights}: cannot load the weights (not a torch.save archive)")
     return path, card
+
+
+# torch.save's format before archives (``_use_new_zipfile_serialization=False``) starts with a
+# pickled magic number: PROTO <n>, LONG1 of 10 bytes, 0x1950a86a20f9469cfc6c little-endian.
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def _is_legacy_torch_file(weights: Path) -> bool:
+    with weights.open("rb") as file:
+        head = file.read(2 + len(_LEGACY_MAGIC))
+    return head[:1] == b"\x80" and head[2:] == _LEGACY_MAGIC
+
+
+def _corrupt_member(archive: zipfile.ZipFile) -> str | None:
+    """The first member whose bytes do not match their CRC. Members stored with CRC 0 and
+    bytes in them were written with torch's CRCs turned off (``set_crc32_options(False)``):
+    nothing to check them against."""
+    for info in archive.infolist():
+        if info.CRC == 0 and info.file_size:
+            continue
+        try:
+            with archive.open(info) as member:
+                while member.read(1 << 20):
+                    pass
+        except zipfile.BadZipFile:
+            return info.filename
+    return None
 
 
 def load_checkpoint(

@@ -7,6 +7,7 @@ on stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -92,12 +93,13 @@ def cmd_tile(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from wsi_pipeline.segment.job import prepare_config, segment_slides
+    from wsi_pipeline.segment.job import prepare_config, process_start_time, segment_slides
 
     def describe(r: Any) -> str:
         return f"{r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s -> {r.geojson}"
 
-    return run_batch(args, SegmentConfig, segment_slides, describe, prepare=prepare_config)
+    segment = functools.partial(segment_slides, started=process_start_time())
+    return run_batch(args, SegmentConfig, segment, describe, prepare=prepare_config)
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

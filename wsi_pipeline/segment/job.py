@@ -506,6 +506,7 @@ def segment_slides(
     config: SegmentConfig,
     *,
     predictor: type | None = None,
+    started: float | None = None,
 ) -> list[SegmentResult]:
     """Segment every slide into ``out_dir``; one result per slide, in input order.
 
@@ -515,6 +516,8 @@ def segment_slides(
         config: the job's configuration (no ``checkpoint``: the shipped default model).
         predictor: the callable class that turns tile batches into probabilities (default:
             :class:`ModelPredictor`, the checkpoint's model).
+        started: when the command began (``time.time()``); each profile's ``before_job_s``
+            is the seconds from then to the job's start (imports, checks, Ray's start).
 
     Raises:
         CheckpointError: the predictors could not load the checkpoint (checked again here
@@ -525,7 +528,7 @@ def segment_slides(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, storage.join(out_dir, "segment-config.yaml"))
     storage.remove_stale_temporaries(out_dir)  # from a driver that was killed
-    batch = _Batch(out_dir, card, config)
+    batch = _Batch(out_dir, card, config, started)
     try:
         rows = batch.plan(slides)
         if rows:
@@ -540,18 +543,31 @@ def segment_slides(
     except BaseException as exc:
         batch.abort()  # nothing of this run is left under a temporary name
         if predictor is None and isinstance(exc, Exception):
-            load_checkpoint(config.checkpoint)  # raises, in one line, if the weights are why
+            _raise_if_the_weights_are_why(config.checkpoint, exc)
         raise
     return [batch.results[s] for s in slides]
+
+
+def _raise_if_the_weights_are_why(checkpoint: str | None, failure: Exception) -> None:
+    """Load the checkpoint here after the job failed: if its weights do not load, that (one
+    line) is the error; otherwise the job's own failure stands."""
+    try:
+        load_checkpoint(checkpoint)
+    except CheckpointError as bad:
+        raise bad from failure
+    except Exception:  # not why the job failed: its own error is re-raised
+        logger.debug("the checkpoint loads after the job failed", exc_info=True)
 
 
 class _Batch:
     """The driver's side of a segment run: per-slide outputs, fed row by row."""
 
-    def __init__(self, out_dir: str, card: ModelCard, config: SegmentConfig) -> None:
+    def __init__(
+        self, out_dir: str, card: ModelCard, config: SegmentConfig, started: float | None
+    ) -> None:
         self.out_dir, self.card, self.config = out_dir, card, config
         self.start = time.perf_counter()
-        self.before_job = process_age()  # a CLI run: its imports, checks and Ray's start
+        self.before_job = 0.0 if started is None else max(time.time() - started, 0.0)
         self.results: dict[str, SegmentResult] = {}
         self.writing: dict[str, SlideOutputs] = {}
         self.labelling: dict[str, SlideOutputs] = {}
@@ -636,14 +652,15 @@ class _Batch:
         logger.warning("%s: failed: %s", slide, reason)
 
 
-def process_age() -> float:
-    """Seconds since this process started (from ``/proc``; 0 where there is none)."""
+def process_start_time() -> float:
+    """When this process started, as ``time.time()`` (from ``/proc``: a command's own imports
+    count; where there is no ``/proc``, now)."""
     try:
         started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        return 0.0
-    return max(uptime - started / os.sysconf("SC_CLK_TCK"), 0.0)
+        return time.time()
+    return time.time() - max(uptime - started / os.sysconf("SC_CLK_TCK"), 0.0)
 
 
 def predictor_batch_size(batch_size: int | None, use_gpu: bool) -> int:
