@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,31 @@ def test_train_command_with_the_smoke_config(store: str, tmp_path: Path) -> None
     card = read_card(out / "best")
     assert card.architecture == "unet" and card.training["config"]["data"]["store"] == store
     assert main(["train", "--config", smoke, "--data", str(tmp_path / "none.zarr")]) == 2
+
+
+def test_the_train_command_starts_a_ray_that_ray_train_can_watch(
+    store: str, tmp_path: Path
+) -> None:
+    """As a user runs it, with a Ray of its own: Ray Train's placement-group cleaner watches the
+    run's controller through the state API, which needs the dashboard; without it the cleaner
+    warns every second and cannot clean up. After the command, the same process asks that API
+    about its Ray's actors, with the address given (the tests' own Ray is a second instance)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ray; from ray.util.state import list_actors;"
+        "from wsi_pipeline.cli.main import main; code = main(sys.argv[1:]);"
+        "list_actors(address=ray.get_runtime_context().gcs_address); sys.exit(code)"
+    )
+    smoke = str(REPO / "configs" / "train" / "smoke.yaml")
+    argv = [sys.executable, "-c", code, "train", "--config", smoke, "--data", store]
+    argv += ["--out", str(tmp_path / "run"), "--epochs", "1", "--workers", "1"]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "best checkpoint:" in run.stdout
+    assert "State API" not in run.stderr, run.stderr[-2000:]
 
 
 def test_smoke_config_and_model_configs_load() -> None:

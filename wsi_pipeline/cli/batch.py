@@ -23,20 +23,21 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-def init_ray(verbose: bool = False) -> None:
+def init_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
     """Connect to ``RAY_ADDRESS`` (or a Ray started on this machine with ``ray start``), else
     start a local Ray for this command; quiet unless ``verbose``.
 
-    The command's own Ray has no dashboard: it lives as long as the command, and starting one
-    cost 2-3 s of a 6-8 s start on the 2-core dev VM. A Ray started with ``ray start --head``
-    has one, and the commands join it.
+    The command's own Ray has a dashboard only with ``dashboard``: it lives as long as the
+    command, and starting one cost 2-3 s of a 6-8 s start on the 2-core dev VM. Ray Train needs
+    it (see ``cmd_train``). A Ray started with ``ray start --head`` has one, and the commands
+    join it.
     """
     import ray
 
     if not ray.is_initialized():
         # include_dashboard only applies when this call starts Ray; joining, Ray ignores it.
         context = ray.init(
-            logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False
+            logging_level=logging.WARNING, log_to_driver=True, include_dashboard=dashboard
         )
         cpus = int(ray.cluster_resources().get("CPU", 0))
         where = os.environ.get("RAY_ADDRESS") or "this machine"

@@ -84,7 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_train_config(args.config, merge_overrides(overrides, parse_assignments(args.set)))
     out = args.out or os.path.join("runs", config.name)
     open_store(config.data.store)  # a missing store fails before Ray starts
-    init_ray(args.verbose)
+    # Ray Train's placement-group cleaner watches the run's controller through the state API,
+    # which the dashboard serves: without it, a warning a second and no clean-up if it dies.
+    init_ray(args.verbose, dashboard=True)
     try:
         summary = run_training(config, config.data.store, out)
     except ray.train.TrainingFailedError as exc:
