@@ -140,19 +140,10 @@ def test_a_failing_worker_is_restarted_from_the_checkpoint(store: str, tmp_path:
     assert [int(r["epoch"]) for r in rows(tmp_path / "run")] == [0, 1]
 
 
-def test_train_command_with_the_smoke_config(store: str, tmp_path: Path) -> None:
-    smoke = str(REPO / "configs" / "train" / "smoke.yaml")
-    out = tmp_path / "smoke"
-    assert main(["train", "--config", smoke, "--data", store, "--out", str(out)]) == 0
-    card = read_card(out / "best")
-    assert card.architecture == "unet" and card.training["config"]["data"]["store"] == store
-    assert main(["train", "--config", smoke, "--data", str(tmp_path / "none.zarr")]) == 2
-
-
-def test_the_train_command_starts_a_ray_that_ray_train_can_watch(
+def test_train_command_with_the_smoke_config_and_a_ray_of_its_own(
     store: str, tmp_path: Path
 ) -> None:
-    """As a user runs it, with a Ray of its own: Ray Train's placement-group cleaner watches the
+    """As a user runs it, with a Ray of its own. Ray Train's placement-group cleaner watches the
     run's controller through the state API, which needs the dashboard; without it the cleaner
     warns every second and cannot clean up. After the command, the same process asks that API
     about its Ray's actors, with the address given (the tests' own Ray is a second instance)."""
@@ -172,6 +163,9 @@ def test_the_train_command_starts_a_ray_that_ray_train_can_watch(
     assert run.returncode == 0, run.stderr[-2000:]
     assert "best checkpoint:" in run.stdout
     assert "State API" not in run.stderr, run.stderr[-2000:]
+    card = read_card(tmp_path / "run" / "best")
+    assert card.architecture == "unet" and card.training["config"]["data"]["store"] == store
+    assert main(["train", "--config", smoke, "--data", str(tmp_path / "none.zarr")]) == 2
 
 
 def test_smoke_config_and_model_configs_load() -> None:
