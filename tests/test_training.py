@@ -158,11 +158,13 @@ def test_train_command_with_the_smoke_config_and_a_ray_of_its_own(
     smoke = str(REPO / "configs" / "train" / "smoke.yaml")
     argv = [sys.executable, "-c", code, "train", "--config", smoke, "--data", store]
     argv += ["--out", str(tmp_path / "run"), "--epochs", "1", "--workers", "1"]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # A user's environment: no address, and no auth mode (the tests' Ray set one in this process).
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "best checkpoint:" in run.stdout
     assert "State API" not in run.stderr, run.stderr[-2000:]
+    assert "Token authentication" not in run.stderr  # Ray's note, without --verbose
     card = read_card(tmp_path / "run" / "best")
     assert card.architecture == "unet" and card.training["config"]["data"]["store"] == store
     assert main(["train", "--config", smoke, "--data", str(tmp_path / "none.zarr")]) == 2

@@ -34,6 +34,10 @@ def init_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
     """
     import ray
 
+    if not verbose:  # Ray's note that a new local Ray has token auth on, as it should
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
     if not ray.is_initialized():
         # include_dashboard only applies when this call starts Ray; joining, Ray ignores it.
         context = ray.init(
