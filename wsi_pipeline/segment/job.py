@@ -556,7 +556,7 @@ def _raise_if_the_weights_are_why(checkpoint: str | None, failure: Exception) ->
     except CheckpointError as bad:
         raise bad from failure
     except Exception:  # not why the job failed: its own error is re-raised
-        logger.debug("the checkpoint loads after the job failed", exc_info=True)
+        logger.debug("checking the checkpoint after the job failed raised", exc_info=True)
 
 
 class _Batch:
