@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -93,13 +94,24 @@ def cmd_tile(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from wsi_pipeline.segment.job import prepare_config, process_start_time, segment_slides
+    from wsi_pipeline.segment.job import prepare_config, segment_slides
 
     def describe(r: Any) -> str:
         return f"{r.nuclei} nuclei, {r.tiles} tiles, {r.seconds:.1f} s -> {r.geojson}"
 
-    segment = functools.partial(segment_slides, started=process_start_time())
+    segment = functools.partial(segment_slides, started=_process_start_time())
     return run_batch(args, SegmentConfig, segment, describe, prepare=prepare_config)
+
+
+def _process_start_time() -> float:
+    """When this process started, as ``time.time()`` (from ``/proc``: a command's own imports
+    count; where there is no ``/proc``, now)."""
+    try:
+        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - max(uptime - started / os.sysconf("SC_CLK_TCK"), 0.0)
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

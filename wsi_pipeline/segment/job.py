@@ -652,17 +652,6 @@ class _Batch:
         logger.warning("%s: failed: %s", slide, reason)
 
 
-def process_start_time() -> float:
-    """When this process started, as ``time.time()`` (from ``/proc``: a command's own imports
-    count; where there is no ``/proc``, now)."""
-    try:
-        started = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return time.time()
-    return time.time() - max(uptime - started / os.sysconf("SC_CLK_TCK"), 0.0)
-
-
 def predictor_batch_size(batch_size: int | None, use_gpu: bool) -> int:
     """Tiles per predictor call: as configured, else 8 on a GPU and 1 on a CPU (a CPU forward
     of single 512² tiles ran 1.6× faster than of batches of 8 on the 2-core dev VM: their
