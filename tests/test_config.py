@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from wsi_pipeline.config import ConfigError, TileConfig, load_config, parse_assignments
+from wsi_pipeline.config import (
+    ConfigError,
+    SegmentConfig,
+    TileConfig,
+    load_config,
+    merge_overrides,
+    parse_assignments,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -14,9 +21,18 @@ def test_shipped_tile_config_loads() -> None:
     assert config.mpp == 0.5 and config.tile == 512 and config.tissue.mask_mpp == 8.0
 
 
-def test_overrides_win_and_none_is_ignored() -> None:
-    config = load_config(TileConfig, CONFIGS / "tile.yaml", {"mpp": 0.25, "tile": None})
-    assert (config.mpp, config.tile) == (0.25, 512)
+def test_overrides_win_flags_not_given_are_ignored_and_set_null_is_null(tmp_path: Path) -> None:
+    flags = {"mpp": 0.25, "tile": None, "workers": None}  # tile and workers: flags not given
+    sets = parse_assignments(["workers=3", "tissue.min_area_um2=500"])
+    config = load_config(TileConfig, CONFIGS / "tile.yaml", merge_overrides(flags, sets))
+    assert (config.mpp, config.tile, config.workers) == (0.25, 512, 3)
+    assert config.tissue.min_area_um2 == 500 and config.tissue.min_saturation == 0.07
+    path = tmp_path / "segment.yaml"
+    path.write_text("mpp_override: 0.5\ntile: 256\n")
+    config = load_config(
+        SegmentConfig, path, merge_overrides({}, parse_assignments(["mpp_override=null"]))
+    )
+    assert config.mpp_override is None and config.tile == 256
 
 
 @pytest.mark.parametrize(

@@ -101,14 +101,12 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def merge_overrides(*layers: dict[str, Any]) -> dict[str, Any]:
-    """Override layers (flags, then ``--set``), later ones deeper: ``--set data.x=1`` changes
-    one key of a ``data`` section an earlier layer set, instead of replacing the section.
-    ``None`` values (flags not given) are dropped."""
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged = _merge(merged, {k: v for k, v in layer.items() if v is not None})
-    return merged
+def merge_overrides(flags: dict[str, Any], assignments: dict[str, Any]) -> dict[str, Any]:
+    """Flags, then ``--set`` assignments, deeper: ``--set data.x=1`` changes one key of a
+    ``data`` section a flag set, instead of replacing the section. A flag left at ``None`` was
+    not given and is dropped; ``--set key=null`` sets a null."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    return _merge(given, assignments)
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
@@ -121,7 +119,8 @@ def _yaml_reason(exc: yaml.YAMLError) -> str:
 def load_config(
     model: type[ModelT], path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> ModelT:
-    """Build ``model`` from a YAML file (optional) updated with ``overrides`` (``None`` ignored).
+    """Build ``model`` from a YAML file (optional) updated with ``overrides`` (a ``None`` sets a
+    null; :func:`merge_overrides` drops flags that were not given).
 
     Raises:
         ConfigError: missing or malformed file, unknown key, or invalid value.
@@ -139,9 +138,8 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config error: {path}: expected a mapping at the top level")
         data = loaded or {}
-    clean = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
-        return model.model_validate(_merge(data, clean))
+        return model.model_validate(_merge(data, overrides or {}))
     except ValidationError as exc:
         raise ConfigError(_format_error(exc)) from None
 
