@@ -53,7 +53,7 @@ def tile_rows(size: int, tile: int, overlap: int, keep_all: bool) -> tuple[Slide
         tiles=[(t.col, t.row) for t in grid],
     )
     card = ModelCard(architecture="unet", mpp=0.5)
-    plans = {"bench": plan.without_tiles()}
+    plans = {"bench": plan.for_tasks()}
     rows = []
     for t in grid:
         labels = mosaic.render_labels(t.box).astype(np.int32)

@@ -246,7 +246,7 @@ def main() -> None:
         )
         card = read_card(checkpoint)
         plan = plan_slide(slide, card, config)
-        rows = [{"slide": slide, "col": c, "row": r, "error": ""} for c, r in plan.tiles]
+        rows = plan.rows(slide)
         result: dict[str, object] = {
             "benchmark": "segment",
             "slide": os.path.basename(slide),
@@ -286,7 +286,7 @@ def main() -> None:
         )
         if not args.e2e_only:
             start = time.perf_counter()
-            plans = {slide: plan.without_tiles()}
+            plans = {slide: plan.for_tasks()}
             tiles = tile_images(rows, plans, card.mpp, config.mpp_override, batch)
             images = [r["image"] for r in tiles.select_columns(["image"]).iter_rows()]
             result["read_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)

@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_shipped_tile_config_loads() -> None:
     config = load_config(TileConfig, CONFIGS / "tile.yaml")
-    assert config.mpp == 0.5 and config.tile == 512 and config.tissue.mask_mpp == 8.0
+    assert config.mpp == 0.5 and config.tile == 512 and config.tissue.mask_mpp == 4.0
 
 
 def test_overrides_win_flags_not_given_are_ignored_and_set_null_is_null(tmp_path: Path) -> None:

@@ -17,10 +17,12 @@ import shapely.affinity
 import torch
 import yaml
 import zarr
-from conftest import shared_path
+from conftest import SLIDE_MPP, shared_path
+from PIL import Image
 from scipy import ndimage as ndi
 from shapely.geometry import shape
 
+from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard, read_card, save_checkpoint
 from wsi_pipeline.cli.main import main
 from wsi_pipeline.config import SegmentConfig
@@ -28,6 +30,7 @@ from wsi_pipeline.models import create_model
 from wsi_pipeline.segment.job import segment_slides
 from wsi_pipeline.segment.polygons import rasterize
 from wsi_pipeline.segment.quantize import quantize
+from wsi_pipeline.slides.tiling import Box
 from wsi_pipeline.train.targets import make_target, one_hot
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -143,6 +146,57 @@ def test_postprocessing_in_the_predictor_writes_the_same_nuclei_as_tasks(
         )
     assert len(outputs[True]) > 100
     assert outputs[True] == outputs[False]
+
+
+class SpeckledMosaic(synthetic.MosaicSlide):
+    """The test mosaic with nucleus-sized dark specks on its glass (debris, dust)."""
+
+    specks = [(300, 200), (2700, 200)]  # level-0 px, in glass near tissue (tiles of 512 see them)
+    radius = 14  # level-0 px: 3.5 µm, the size of a nucleus
+
+    def render(self, box, level: int = 0) -> np.ndarray:
+        out = super().render(box, level)
+        f = 2**level
+        yy, xx = np.mgrid[box.y0 : box.y1, box.x0 : box.x1]
+        for x, y in self.specks:
+            out[(xx - x / f) ** 2 + (yy - y / f) ** 2 <= (self.radius / f) ** 2] = (90, 40, 120)
+        return out
+
+
+def test_specks_on_the_glass_are_not_nuclei(tmp_path: Path, checkpoint: Path) -> None:
+    """A model that outlines debris on the glass (as models do) writes none of it: nuclei whose
+    centre lies beyond ``tissue_margin_um`` of the tissue are dropped; null keeps them."""
+    sources = synthetic.synthetic_sources(4, 512, mpp=SLIDE_MPP, seed=0)
+    slide = SpeckledMosaic(sources, 3000, 2000, seed=1, tissue_fraction=0.6)
+    for x, y in slide.specks:  # each speck lies in glass, ≥ 50 µm from the tissue
+        around = synthetic.MosaicSlide.render(slide, Box(x - 200, y - 200, x + 200, y + 200))
+        assert around.min() == synthetic.GLASS
+    path = tmp_path / "speckled.tiff"
+    synthetic.write_tiff(slide, path, mpp=SLIDE_MPP)
+    found = {}
+    for margin in (16.0, None):
+        config = SegmentConfig(
+            checkpoint=str(checkpoint), tile=512, overlap=48, tissue_margin_um=margin
+        )
+        out = tmp_path / str(margin)
+        (result,) = segment_slides([str(path)], str(out), config, predictor=HematoxylinOracle)
+        assert result.status == "complete", result.reason
+        features = read_geojson(out / "speckled.geojson.gz")["features"]
+        found[margin] = {json.dumps(f["geometry"]): shape(f["geometry"]) for f in features}
+    specks = [shapely.Point(x, y) for x, y in slide.specks]
+    on_glass = {k for k, p in found[None].items() if any(p.contains(s) for s in specks)}
+    assert len(on_glass) == len(specks)  # kept with null: the model did outline them
+    assert found[16.0].keys() == found[None].keys() - on_glass  # and nothing else is lost
+    assert len(found[16.0]) > 100
+    # preview --compare draws what the margin dropped in red, around the speck only.
+    png = tmp_path / "dropped.png"
+    runs = [str(tmp_path / str(m) / "speckled.geojson.gz") for m in (16.0, None)]
+    for x, y in [slide.specks[0], (1500, 1000)]:  # a speck, then the tissue's middle
+        region = f"{x - 100},{y - 100},200,200"
+        argv = ["preview", str(path), runs[0], "--compare", runs[1], "--out", str(png)]
+        assert main([*argv, "--region", region]) == 0
+        red = (np.asarray(Image.open(png)) == (255, 0, 0)).all(axis=2).sum()
+        assert (red > 20) == ((x, y) == slide.specks[0]), (x, y, red)
 
 
 @pytest.fixture(autouse=True)
@@ -331,7 +385,6 @@ def test_segment_from_tiling_store_and_preview(
         "500,400,1000,800",
     ]
     assert main(argv) == 0
-    from PIL import Image
 
     image = np.asarray(Image.open(png))
     assert image.shape == (800, 1000, 3)

@@ -28,12 +28,14 @@ class StrictModel(BaseModel):
 class TissueConfig(StrictModel):
     """Tissue detection on a thumbnail."""
 
-    mask_mpp: float = Field(8.0, gt=0, description="resolution of the tissue mask, µm/px")
+    mask_mpp: float = Field(4.0, gt=0, description="resolution of the tissue mask, µm/px")
     min_saturation: float = Field(0.07, ge=0, le=1, description="floor of the Otsu threshold")
     max_saturation: float = Field(
         0.15, ge=0, le=1, description="ceiling of the Otsu threshold (regions with no glass)"
     )
-    min_area_um2: float = Field(10_000.0, ge=0, description="drop tissue specks smaller than this")
+    min_area_um2: float = Field(
+        2_000.0, ge=0, description="drop tissue specks smaller than this, µm²"
+    )
     min_fraction: float = Field(
         0.0, ge=0, le=1, description="a tile is kept if at least this share is tissue (0: any)"
     )
@@ -212,6 +214,12 @@ class SegmentConfig(StrictModel):
         None, gt=0, description="level-0 µm/px, if the slide lacks it"
     )
     tissue: TissueConfig = TissueConfig()
+    tissue_margin_um: float | None = Field(
+        16.0,
+        ge=0,
+        description="drop nuclei whose centre lies farther than this outside the tissue mask "
+        "(specks on the glass); null keeps every nucleus",
+    )
     simplify: float = Field(0.0, ge=0, description="polygon simplification, px at the model's mpp")
     subpixel: bool = Field(
         True,

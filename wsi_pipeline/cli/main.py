@@ -136,6 +136,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
         max_size=args.max_size,
         backend=args.backend,
         mpp_override=args.mpp_override,
+        compare=args.compare,
     )
     print(f"wrote {args.out}: {count} nuclei drawn")
     return 0
@@ -345,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .png")
     p.add_argument("--region", help="x,y,w,h in level-0 px (default: whole slide)")
     p.add_argument("--max-size", type=int, default=2048, help="longest side of the PNG")
+    p.add_argument(
+        "--compare",
+        metavar="OTHER_GEOJSON",
+        help="also draw, in red, the nuclei of another run that GEOJSON lacks",
+    )
     _slide_options(p)
     p.set_defaults(func=cmd_preview, backend="auto")
 

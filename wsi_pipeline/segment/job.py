@@ -59,15 +59,15 @@ from wsi_pipeline.segment.nuclei import (
     unpack_nuclei,
 )
 from wsi_pipeline.segment.quantize import dequantize
-from wsi_pipeline.segment.stitching import SeamResolver, seam_neighbours
+from wsi_pipeline.segment.stitching import Nucleus, SeamResolver, seam_neighbours
 from wsi_pipeline.slides.image_store import COMPLETE as STORE_COMPLETE
 from wsi_pipeline.slides.image_store import is_complete as is_store_complete
 from wsi_pipeline.slides.image_store import read_layout
 from wsi_pipeline.slides.image_store import read_region as read_store_region
 from wsi_pipeline.slides.inputs import fingerprint_mismatch, slide_stem, source_fingerprint
 from wsi_pipeline.slides.slide import SlideError, open_slide
-from wsi_pipeline.slides.tiling import TileGrid, grid_size
-from wsi_pipeline.slides.tissue import TissueMask, detect_tissue
+from wsi_pipeline.slides.tiling import Tile, TileGrid, grid_size
+from wsi_pipeline.slides.tissue import TissueMask, detect_tissue, on_tissue, window_side
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +114,34 @@ class SlidePlan:
     tile: int
     overlap: int
     tissue_mm2: float
+    tissue_mpp: float = 0.0  # of the tissue windows tile rows carry (0: nuclei are not filtered)
     tiles: list[tuple[int, int]] = field(default_factory=list)
+    tissue: TissueMask | None = None  # grown by the margin nuclei may lie off the tissue
 
     @property
     def grid(self) -> TileGrid:
         return TileGrid(self.width, self.height, self.tile, self.overlap)
 
-    def without_tiles(self) -> SlidePlan:
-        """The plan as tasks get it: the tile list is the driver's alone, and would make what
-        every task receives grow with the slides' sizes."""
-        return dataclasses.replace(self, tiles=[])
+    @property
+    def grid_mpp(self) -> float:
+        return self.level0_mpp * self.downsample
+
+    def for_tasks(self) -> SlidePlan:
+        """The plan as tasks get it: the tile list and tissue mask are the driver's alone, and
+        would make what every task receives grow with the slides' sizes."""
+        return dataclasses.replace(self, tiles=[], tissue=None)
+
+    def rows(self, slide: str) -> list[dict[str, Any]]:
+        """The graph's rows of this plan's tiles (``slide`` as the user named it). Each row
+        carries the tissue under its tile (packed bits) when nuclei off the tissue are dropped."""
+        rows = []
+        for col, row in self.tiles:
+            item: dict[str, Any] = {"slide": slide, "col": col, "row": row, "error": ""}
+            if self.tissue is not None:
+                window = self.tissue.window(self.grid.tile_at(col, row).box, self.grid_mpp)
+                item["tissue"] = np.packbits(window).tobytes()
+            rows.append(item)
+        return rows
 
 
 @dataclass
@@ -211,10 +229,14 @@ def _plan_store(path: str, card: ModelCard, config: SegmentConfig) -> SlidePlan:
 def _with_tissue_tiles(
     plan: SlidePlan, tissue: TissueMask, card: ModelCard, config: SegmentConfig
 ) -> SlidePlan:
-    """The plan with the tiles whose core holds tissue (cores partition the slide)."""
+    """The plan with the tiles whose core holds tissue (cores partition the slide) and, unless
+    every nucleus is kept, the tissue mask grown by the margin nuclei may lie off it."""
     min_fraction = config.tissue.min_fraction
     tiles = [(t.col, t.row) for t in plan.grid if tissue.has_tissue(t.core, card.mpp, min_fraction)]
-    return dataclasses.replace(plan, tiles=tiles)
+    if config.tissue_margin_um is None:
+        return dataclasses.replace(plan, tiles=tiles)
+    grown = tissue.grown(config.tissue_margin_um)
+    return dataclasses.replace(plan, tiles=tiles, tissue=grown, tissue_mpp=grown.mpp)
 
 
 def read_tile(
@@ -279,6 +301,7 @@ def postprocess_tile(
     """
     start = time.perf_counter()
     probs = row.pop("probs")
+    tissue = row.pop("tissue", b"")
     row["features"], row["count"], row["seam"], row["oversize"] = "", 0, pack_nuclei([]), 0
     row["instances_s"], row["polygons_s"] = 0.0, 0.0
     if row["error"]:
@@ -301,6 +324,8 @@ def postprocess_tile(
     except Exception as exc:
         row["error"] = error_line(exc)
         return row
+    if plan.tissue_mpp:
+        nuclei = on_tissue_nuclei(nuclei, tissue, plan, grid.tile_at(row["col"], row["row"]))
     on_seam = [keep_all or bool(seam_neighbours(grid, n, seam_margin)) for n in nuclei]
     final = [n for n, seam in zip(nuclei, on_seam, strict=True) if not seam]
     row["features"] = ",\n".join(nucleus_json(n) for n in final)
@@ -309,6 +334,19 @@ def postprocess_tile(
     row["instances_s"] = clock.get("instances", 0.0)
     row["polygons_s"] = time.perf_counter() - start - row["instances_s"]
     return row
+
+
+def on_tissue_nuclei(
+    nuclei: list[Nucleus], tissue: bytes, plan: SlidePlan, tile: Tile
+) -> list[Nucleus]:
+    """The nuclei whose centre lies on the tile's tissue window (packed by
+    :meth:`SlidePlan.rows`)."""
+    side = window_side(plan.tile, plan.grid_mpp, plan.tissue_mpp)
+    # count= pads with zeros: a bytes column may have lost its trailing NULs (no tissue).
+    bits = np.unpackbits(np.frombuffer(tissue, dtype=np.uint8), count=side * side)
+    window = bits.reshape(side, side).astype(bool)
+    scale = plan.grid_mpp / plan.tissue_mpp
+    return [n for n in nuclei if on_tissue(window, tile.box, scale, *n.centroid)]
 
 
 class SlideOutputs:
@@ -436,7 +474,7 @@ class SlideOutputs:
             # Seconds summed over tiles per stage (CPU or device time), and the driver's own.
             "profile": {k: round(v, 3) for k, v in self.profile.items()},
             "source_fingerprint": source_fingerprint(self.plan.path),
-            "plan": asdict(self.plan.without_tiles()),
+            "plan": asdict(self.plan.for_tasks()),
             "model": self.card.model_dump(mode="json"),
             "config": self.config.model_dump(mode="json"),
             "version": __version__,
@@ -532,7 +570,7 @@ def segment_slides(
     try:
         rows = batch.plan(slides)
         if rows:
-            plans = {slide: w.plan.without_tiles() for slide, w in batch.writing.items()}
+            plans = {slide: w.plan.for_tasks() for slide, w in batch.writing.items()}
             tiles = Progress(len(rows), f"segment {len(batch.writing)} slides", unit="tiles")
             graph = _graph(rows, plans, card, config, predictor or ModelPredictor)
             for row in graph.iter_rows():
@@ -589,7 +627,7 @@ class _Batch:
             except Exception as exc:  # any broken slide is a failed row, never a crash
                 self._fail(slide, error_line(exc))
                 continue
-            rows += [{"slide": slide, "col": c, "row": r, "error": ""} for c, r in plan.tiles]
+            rows += plan.rows(slide)
         for slide in [s for s, w in self.writing.items() if not w.plan.tiles]:
             self.finish(slide)
         return rows

@@ -12,6 +12,7 @@ from wsi_pipeline.slides.slide import Backend, open_slide
 from wsi_pipeline.slides.tiling import Box
 
 OUTLINE = (0, 230, 80)
+ONLY_IN_COMPARED = (255, 0, 0)
 
 
 def render_preview(
@@ -23,8 +24,10 @@ def render_preview(
     max_size: int = 2048,
     backend: Backend = "auto",
     mpp_override: float | None = None,
+    compare: str | Path | None = None,
 ) -> int:
-    """Draw the outlines of ``geojson``'s polygons over ``region`` (level-0 px) of the slide.
+    """Draw the outlines of ``geojson``'s polygons over ``region`` (level-0 px) of the slide and,
+    in red and thicker, those of ``compare`` that ``geojson`` lacks (what a setting removed).
 
     The region (default: the whole slide) is read at the resolution that makes its longer side
     at most ``max_size`` px. Returns the number of nuclei drawn.
@@ -39,19 +42,28 @@ def render_preview(
     w, h = max(1, round(region.width / ds)), max(1, round(region.height / ds))
     image = Image.fromarray(slide.read_region(region.x0, region.y0, w, h, mpp=mpp))
     draw = ImageDraw.Draw(image)
+    rings = [_ring(f) for f in read_features(geojson)]
+    only_compared = []
+    if compare is not None:
+        seen = {r.tobytes() for r in rings}
+        only_compared = [r for r in map(_ring, read_features(compare)) if r.tobytes() not in seen]
     drawn = 0
-    for feature in read_features(geojson):
-        ring = np.asarray(feature["geometry"]["coordinates"][0], dtype=np.float64)
-        if (
-            ring[:, 0].max() < region.x0
-            or ring[:, 0].min() > region.x1
-            or ring[:, 1].max() < region.y0
-            or ring[:, 1].min() > region.y1
-        ):
-            continue
-        points = (ring - (region.x0, region.y0)) / ds
-        draw.line([tuple(p) for p in points], fill=OUTLINE, width=2)
-        drawn += 1
+    for ring_set, colour, width in ((rings, OUTLINE, 2), (only_compared, ONLY_IN_COMPARED, 3)):
+        for ring in ring_set:
+            if (
+                ring[:, 0].max() < region.x0
+                or ring[:, 0].min() > region.x1
+                or ring[:, 1].max() < region.y0
+                or ring[:, 1].min() > region.y1
+            ):
+                continue
+            points = (ring - (region.x0, region.y0)) / ds
+            draw.line([tuple(p) for p in points], fill=colour, width=width)
+            drawn += 1
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     return drawn
+
+
+def _ring(feature: dict) -> np.ndarray:
+    return np.asarray(feature["geometry"]["coordinates"][0], dtype=np.float64)
