@@ -12,7 +12,7 @@ from test_evaluate import checkpoint, run_cli  # noqa: F401  (fixture)
 from wsi_pipeline.checkpoint import read_card
 from wsi_pipeline.train.evaluation import evaluate_checkpoint
 from wsi_pipeline.train.targets import make_target, one_hot
-from wsi_pipeline.train.tuning import best_postprocess, grid_points
+from wsi_pipeline.train.tuning import TIE_TOLERANCE, best_postprocess, grid_points
 
 
 def _touching_pair() -> tuple[np.ndarray, np.ndarray]:
@@ -68,3 +68,19 @@ def test_the_distance_mode_tunes_its_marker_threshold() -> None:
     chosen, scores = best_postprocess([(probs, true)], "distance")
     assert chosen["interior_threshold"] == 0.5  # not searched: this mode's markers ignore it
     assert chosen["distance_threshold"] < 0.45 and scores["aji"] > 0.9 > missed["aji"]
+
+
+def test_near_ties_in_aji_go_to_the_setting_with_fewer_false_nuclei() -> None:
+    """AJI weighs by area: keeping a 14 px nucleus beats dropping two 6 px specks by 0.0006.
+    PQ counts objects: two false nuclei cost more than one missed. The near-tie goes to PQ."""
+    true = np.zeros((120, 120), np.int32)
+    true[10:50, 10:50], true[10:50, 60:100] = 1, 2
+    true[70:72, 10:17] = 3  # a small real nucleus, 14 px
+    predicted = true.copy()
+    predicted[90:92, 40:43], predicted[90:92, 80:83] = 4, 5  # two 6 px specks
+    pair = [(one_hot(make_target(predicted), 3), true)]
+    _, keep = best_postprocess(pair, "3class", grid={"min_size": (5,)})
+    _, drop = best_postprocess(pair, "3class", grid={"min_size": (15,)})
+    assert 0 < keep["aji"] - drop["aji"] < TIE_TOLERANCE and keep["pq"] < drop["pq"]
+    chosen, scores = best_postprocess(pair, "3class", grid={"min_size": (5, 15)})
+    assert chosen["min_size"] == 15 and scores["pq"] == drop["pq"]
