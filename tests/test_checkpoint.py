@@ -32,7 +32,13 @@ def lanet(tmp_path: Path) -> Path:
 
 def test_saved_cards_record_the_size_divisor_of_their_architecture(lanet: Path) -> None:
     assert json.loads((lanet / "model.json").read_text())["size_divisor"] == 32
-    for shipped in ("nuclei-unet16", "nuclei-unet16-v2", "nuclei-unet16-v3", "nuclei-unet16-v4"):
+    for shipped in (
+        "nuclei-unet16",
+        "nuclei-unet16-v2",
+        "nuclei-unet16-v3",
+        "nuclei-unet16-v4",
+        "nuclei-unet16-v5",
+    ):
         _, card = check_checkpoint(shipped)
         assert card.size_divisor == 16
 
