@@ -28,6 +28,7 @@ import time
 
 from wsi_pipeline.checkpoint import read_card, resolve_checkpoint
 from wsi_pipeline.config import SegmentConfig
+from wsi_pipeline.segment.job import resolve_tta
 from wsi_pipeline.slide_scoring import load_sources, oracle_ceiling, whole_slide_scores
 from wsi_pipeline.train.evaluation import SCORES, evaluate_checkpoint
 
@@ -42,9 +43,11 @@ def measure(
     device: str = "auto",
     cells: int | None = None,
     subpixel: bool = True,
-    tta: bool = False,
+    tta: bool | None = None,
 ) -> dict:
     """Score ``checkpoint`` on each split three ways (Ray must be initialised)."""
+    import ray
+
     checkpoint = str(resolve_checkpoint(checkpoint))
     card = read_card(checkpoint)
     config = SegmentConfig(
@@ -55,12 +58,13 @@ def measure(
         subpixel=subpixel,
         tta=tta,
     )
+    config = resolve_tta(config, ray.cluster_resources())  # None: as the job decides it
     result: dict = {
         "benchmark": "accuracy",
         "checkpoint": checkpoint,
         "mpp": card.mpp,
         "subpixel": subpixel,
-        "tta": tta,
+        "tta": config.tta,
     }
     for split in splits:
         start = time.perf_counter()
@@ -92,7 +96,9 @@ def main() -> None:
         "--pixel-grid", action="store_true", help="outlines on the model's pixel grid"
     )
     parser.add_argument(
-        "--tta", action="store_true", help="flip test-time augmentation in the slide path"
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        help="flip test-time augmentation in the slide path (default: the job's, on a GPU only)",
     )
     args = parser.parse_args()
 

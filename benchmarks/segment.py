@@ -44,7 +44,13 @@ from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint, save_checkpoint
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.models import create_model
-from wsi_pipeline.segment.job import plan_slide, predictor_pool, segment_slides, tile_images
+from wsi_pipeline.segment.job import (
+    plan_slide,
+    predictor_pool,
+    resolve_tta,
+    segment_slides,
+    tile_images,
+)
 from wsi_pipeline.segment.predictor import Predictor
 
 
@@ -244,6 +250,7 @@ def main() -> None:
             cpus_per_predictor=args.cpus_per_predictor,
             postprocess_in_predictor=args.postprocess_in_predictor,
         )
+        config = resolve_tta(config, ray.cluster_resources())  # as the job decides it
         card = read_card(checkpoint)
         plan = plan_slide(slide, card, config)
         rows = plan.rows(slide)
@@ -291,7 +298,7 @@ def main() -> None:
             images = [r["image"] for r in tiles.select_columns(["image"]).iter_rows()]
             result["read_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
 
-            predictor = Predictor(checkpoint, device=args.device)
+            predictor = Predictor(checkpoint, device=args.device, tta=bool(config.tta))
             predictor.predict(np.stack(images[:batch]))  # warm-up
             start = time.perf_counter()
             for i in range(0, len(images), batch):

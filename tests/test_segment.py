@@ -246,6 +246,7 @@ def test_saved_config_records_the_checkpoint_that_ran(tmp_path: Path, slide_path
     assert result.status == "complete", result.reason
     saved = yaml.safe_load((tmp_path / "segment-config.yaml").read_text())
     assert saved["checkpoint"] == str(resolve_checkpoint(None).resolve())
+    assert saved["tta"] is False  # decided (a CPU cluster), not left null
     summary = json.loads((tmp_path / "synthetic.json").read_text())
     assert summary["config"]["checkpoint"] == saved["checkpoint"]
 
@@ -443,6 +444,17 @@ def test_predictor_batch_defaults_to_single_tiles_on_a_cpu() -> None:
     assert predictor_batch_size(None, use_gpu=False) == 1
     assert predictor_batch_size(None, use_gpu=True) == 8
     assert predictor_batch_size(4, use_gpu=False) == predictor_batch_size(4, use_gpu=True) == 4
+
+
+def test_tta_is_on_where_a_gpu_runs_the_model_unless_set() -> None:
+    from wsi_pipeline.segment.job import resolve_tta
+
+    cpu, gpu = {"CPU": 2.0}, {"CPU": 16.0, "GPU": 1.0}
+    assert resolve_tta(SegmentConfig(), cpu).tta is False
+    assert resolve_tta(SegmentConfig(), gpu).tta is True
+    assert resolve_tta(SegmentConfig(device="cpu"), gpu).tta is False
+    assert resolve_tta(SegmentConfig(tta=False), gpu).tta is False
+    assert resolve_tta(SegmentConfig(tta=True), cpu).tta is True
 
 
 def test_predictor_pool_on_a_cpu_runs_one_single_threaded_model_per_core_that_postprocesses():

@@ -182,7 +182,11 @@ class SegmentConfig(StrictModel):
         description="tiles per predictor call (default: 8 on a GPU; 1 on a CPU, where single "
         "tiles run faster and the first one is back sooner)",
     )
-    tta: bool = Field(False, description="flip test-time augmentation (3x compute)")
+    tta: bool | None = Field(
+        None,
+        description="flip test-time augmentation (3x the model's compute); "
+        "null: on where a GPU runs the model, off on a CPU",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
     predictors: int | None = Field(
         None,

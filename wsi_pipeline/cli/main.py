@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=flag_help(SegmentConfig, "batch_size"))
     p.add_argument("--tta", action="store_const", const=True, help=flag_help(SegmentConfig, "tta"))
     p.add_argument(
+        "--no-tta", dest="tta", action="store_const", const=False, help="no TTA, even on a GPU"
+    )
+    p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help=flag_help(SegmentConfig, "device")
     )
     p.add_argument("--predictors", type=int, help=flag_help(SegmentConfig, "predictors"))

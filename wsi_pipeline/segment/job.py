@@ -562,6 +562,11 @@ def segment_slides(
             when the job fails, so that the user reads why in one line).
     """
     config = prepare_config(config)
+    if config.tta is None:
+        import ray
+
+        resources = ray.cluster_resources() if ray.is_initialized() else {}
+        config = resolve_tta(config, resources)
     card = read_card(config.checkpoint)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, storage.join(out_dir, "segment-config.yaml"))
@@ -746,6 +751,15 @@ def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> Predic
         threads=threads,
         postprocess=postprocess,
     )
+
+
+def resolve_tta(config: SegmentConfig, resources: dict[str, float]) -> SegmentConfig:
+    """``config`` with test-time augmentation decided: unless set, on where a GPU runs the
+    model (its 3x forward is a few per cent of a GPU job: v5's unseen-organ AJI +0.003, PQ and
+    F1 +0.010) and off on a CPU, where the model is most of the job."""
+    if config.tta is not None:
+        return config
+    return config.model_copy(update={"tta": predictor_pool(config, resources).use_gpu})
 
 
 class ModelPredictor:
