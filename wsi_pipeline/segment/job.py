@@ -114,7 +114,7 @@ class SlidePlan:
     tile: int
     overlap: int
     tissue_mm2: float
-    tissue_mpp: float = 0.0  # of the tissue windows tile rows carry (0: nuclei are not filtered)
+    tissue_mpp: float = 0.0  # tasks' copy of tissue.mpp (0: nuclei are not filtered)
     tiles: list[tuple[int, int]] = field(default_factory=list)
     tissue: TissueMask | None = None  # grown by the margin nuclei may lie off the tissue
 
@@ -128,8 +128,10 @@ class SlidePlan:
 
     def for_tasks(self) -> SlidePlan:
         """The plan as tasks get it: the tile list and tissue mask are the driver's alone, and
-        would make what every task receives grow with the slides' sizes."""
-        return dataclasses.replace(self, tiles=[], tissue=None)
+        would make what every task receives grow with the slides' sizes; tasks keep the mask's
+        mpp, to read the window each row carries (:meth:`rows`)."""
+        tissue_mpp = self.tissue.mpp if self.tissue is not None else 0.0
+        return dataclasses.replace(self, tiles=[], tissue=None, tissue_mpp=tissue_mpp)
 
     def rows(self, slide: str) -> list[dict[str, Any]]:
         """The graph's rows of this plan's tiles (``slide`` as the user named it). Each row
@@ -235,8 +237,7 @@ def _with_tissue_tiles(
     tiles = [(t.col, t.row) for t in plan.grid if tissue.has_tissue(t.core, card.mpp, min_fraction)]
     if config.tissue_margin_um is None:
         return dataclasses.replace(plan, tiles=tiles)
-    grown = tissue.grown(config.tissue_margin_um)
-    return dataclasses.replace(plan, tiles=tiles, tissue=grown, tissue_mpp=grown.mpp)
+    return dataclasses.replace(plan, tiles=tiles, tissue=tissue.grown(config.tissue_margin_um))
 
 
 def read_tile(
@@ -308,11 +309,12 @@ def postprocess_tile(
         return row
     plan = plans[row["slide"]]
     grid = plan.grid
+    tile = grid.tile_at(row["col"], row["row"])
     clock: dict[str, float] = {}
     try:
         nuclei, row["oversize"] = tile_nuclei(
             dequantize(probs),
-            grid.tile_at(row["col"], row["row"]),
+            tile,
             grid,
             card=card,
             downsample=plan.downsample,
@@ -325,7 +327,7 @@ def postprocess_tile(
         row["error"] = error_line(exc)
         return row
     if plan.tissue_mpp:
-        nuclei = on_tissue_nuclei(nuclei, tissue, plan, grid.tile_at(row["col"], row["row"]))
+        nuclei = on_tissue_nuclei(nuclei, tissue, plan, tile)
     on_seam = [keep_all or bool(seam_neighbours(grid, n, seam_margin)) for n in nuclei]
     final = [n for n, seam in zip(nuclei, on_seam, strict=True) if not seam]
     row["features"] = ",\n".join(nucleus_json(n) for n in final)
