@@ -7,6 +7,8 @@ import gzip
 import json
 import os
 import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -457,22 +459,68 @@ def test_tta_is_on_where_a_gpu_runs_the_model_unless_set() -> None:
     assert resolve_tta(SegmentConfig(tta=True), cpu).tta is True
 
 
-def test_predictor_pool_on_a_cpu_runs_one_single_threaded_model_per_core_that_postprocesses():
-    from wsi_pipeline.segment.job import READ_CPUS, predictor_pool
+class ThreadTaggedOracle(HematoxylinOracle):
+    """The oracle, slowed down, telling which process and thread ran each tile and when."""
 
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        time.sleep(0.1)  # a model's forward: long enough for the calls to overlap
+        batch = super().__call__(batch)
+        size = len(batch["probs"])
+        batch["worker"] = np.array([f"{os.getpid()}:{threading.get_ident()}"] * size, dtype=object)
+        batch["span"] = np.array([(start, time.perf_counter())] * size)
+        return batch
+
+
+def test_a_cpu_job_reads_predicts_and_postprocesses_in_one_actor_with_a_model_per_core(
+    slide_path: Path, checkpoint: Path
+) -> None:
+    """On the 2-CPU test cluster one actor process runs two calls at once, each on its own
+    thread, and reads its tiles itself: no read tasks."""
+    import ray
+
+    from wsi_pipeline.segment.job import _graph, plan_slide, predictor_pool
+
+    config = SegmentConfig(checkpoint=str(checkpoint), tile=256, overlap=48)
+    pool = predictor_pool(config, ray.cluster_resources())
+    assert (pool.size, pool.calls, pool.reads) == (1, 2, True)
+    card = read_card(str(checkpoint))
+    plan = plan_slide(str(slide_path), card, config)
+    rows = plan.rows(str(slide_path))
+    graph = _graph(rows, {str(slide_path): plan.for_tasks()}, card, config, ThreadTaggedOracle)
+    out = list(graph.iter_rows())
+    assert len(out) == len(rows) > 8
+    assert not any(r["error"] for r in out) and sum(r["count"] for r in out) > 100
+    pids = {r["worker"].split(":")[0] for r in out}
+    threads = {r["worker"] for r in out}
+    assert len(pids) == 1 and len(threads) == 2
+    spans = sorted(tuple(r["span"]) for r in out)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))  # calls overlapped
+    assert "read_tiles" not in graph.stats()  # the actor read the tiles
+    tasks = config.model_copy(update={"postprocess_in_predictor": False})
+    layout = _graph(rows, {str(slide_path): plan.for_tasks()}, card, tasks, HematoxylinOracle)
+    assert len(list(layout.iter_rows())) == len(rows) and "read_tiles" in layout.stats()
+
+
+def test_predictor_pool_on_a_cpu_runs_one_single_threaded_model_per_core_that_postprocesses():
+    from wsi_pipeline.segment.job import predictor_pool
+
+    # Two cores: one actor reads, predicts and post-processes, in two calls that share its model.
     cpu = predictor_pool(SegmentConfig(), {"CPU": 2.0})
-    assert (cpu.use_gpu, cpu.postprocess, cpu.size, cpu.threads, cpu.batch_size) == (
+    assert (cpu.use_gpu, cpu.postprocess, cpu.reads, cpu.size, cpu.calls, cpu.threads) == (
         False,
         True,
+        True,
+        1,
         2,
         1,
-        1,
     )
-    assert cpu.size * cpu.cpus + READ_CPUS <= 2  # a read can always run beside them
-    big = predictor_pool(SegmentConfig(), {"CPU": 16.0})
-    assert big.size == 16 and big.size * big.cpus + READ_CPUS <= 16
-    one = predictor_pool(SegmentConfig(), {"CPU": 1.0})
-    assert one.size == 1 and one.cpus + READ_CPUS <= 1
+    assert cpu.batch_size == 1 and cpu.cpus <= 2
+    # One model per core on any host: the actors' calls, each single-threaded.
+    for cores in (1.0, 3.0, 4.0, 16.0):
+        pool = predictor_pool(SegmentConfig(), {"CPU": cores})
+        assert cores - 1 <= pool.size * pool.calls <= cores and pool.size * pool.cpus <= cores
+        assert pool.cpus <= 1.5  # fits any node with two cores
     # A GPU host: one actor per GPU with every core's threads; CPU tasks post-process.
     gpu = predictor_pool(SegmentConfig(), {"CPU": 16.0, "GPU": 2.0})
     assert (gpu.use_gpu, gpu.postprocess, gpu.size, gpu.threads, gpu.cpus, gpu.batch_size) == (
@@ -486,6 +534,7 @@ def test_predictor_pool_on_a_cpu_runs_one_single_threaded_model_per_core_that_po
     # Without post-processing in it, a CPU predictor is one actor on every core, as before.
     tasks = predictor_pool(SegmentConfig(postprocess_in_predictor=False), {"CPU": 8.0})
     assert (tasks.size, tasks.threads, tasks.postprocess) == (1, None, False)
+    assert (tasks.calls, tasks.reads) == (1, False)
     # What is configured wins.
     set_ = SegmentConfig(predictors=3, predictor_threads=2, cpus_per_predictor=0.5)
     pool = predictor_pool(set_, {"CPU": 8.0})

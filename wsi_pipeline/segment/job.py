@@ -78,9 +78,14 @@ MPP_TOLERANCE = 0.01
 # up in the object store in proportion to the slide's size.
 READ_CPUS = 0.5
 POSTPROCESS_CPUS = 0.5
-# Logical CPUs of a predictor actor: a GPU's feeds it; on a CPU it runs a single-threaded model
-# and its post-processing on about one core, and leaves a quarter of a share for the reads.
+# Logical CPUs of a predictor actor: a GPU's feeds it; on a CPU, per single-threaded model it runs
+# with its reads and post-processing on about one core, leaving a quarter of a share for label
+# shards and the driver.
 GPU_PREDICTOR_CPUS, CPU_PREDICTOR_CPUS = 1.0, 0.75
+# Concurrent calls (single-threaded models) of a CPU predictor actor. Two in one process instead of
+# one process each saves an actor's start-up (~2.8 CPU-s of imports) and memory; more would queue
+# on the GIL that post-processing holds for part of each tile.
+CPU_CALLS_PER_ACTOR = 2
 LABEL_SHARD_TILES = 4
 GPU_BATCH_SIZE, CPU_BATCH_SIZE = 8, 1
 # Where a slide's seconds go: planning (tissue), reads, the model, instance extraction, polygons
@@ -712,20 +717,23 @@ class PredictorPool:
     size: int  # the most actors; a CPU pool starts with one and grows as tiles queue
     batch_size: int
     cpus: float  # logical CPUs per actor
-    threads: int | None  # a CPU actor's torch threads (None: every core of its node)
+    threads: int | None  # torch threads per call on a CPU (None: every core of its node)
     postprocess: bool  # the actor also post-processes its tiles
+    calls: int = 1  # concurrent calls per actor (threads that share its model)
+    reads: bool = False  # the actor reads its own tiles (no read tasks)
 
 
 def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> PredictorPool:
     """The predictor actors for ``config`` on a cluster with ``resources`` (Ray's totals).
 
-    On a GPU, one actor per GPU runs the model and CPU tasks post-process. On a CPU, by default,
-    up to one single-threaded actor per core runs the model *and* post-processes each tile: a
-    model on one thread does more work per core than on several (on the 2-core dev VM two
-    single-threaded models ran 7.0 tiles/s side by side, one model on both cores 6.3), and no
-    separate post-process tasks compete with the models for the cores.
-    Each asks for 0.75 logical CPUs (at most all but a read's share), so reads still run. A
-    configured ``predictors`` is then the pool's most.
+    On a GPU, one actor per GPU runs the model, CPU tasks read its tiles and post-process them.
+    On a CPU, by default, each actor reads, predicts *and* post-processes its tiles, in
+    ``CPU_CALLS_PER_ACTOR`` concurrent calls of a single-threaded model, one per core: a model on
+    one thread does more work per core than on several (on the 2-core dev VM two single-threaded
+    models ran 7.0 tiles/s side by side, one model on both cores 6.3), no separate tasks compete
+    with the models for the cores, and one process holds two models' work (one start-up, one
+    copy of torch). Each call asks for 0.75 logical CPUs. A configured ``predictors`` is then the
+    pool's most.
     """
     gpus = resources.get("GPU", 0)
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
@@ -733,18 +741,25 @@ def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> Predic
         not use_gpu if config.postprocess_in_predictor is None else config.postprocess_in_predictor
     )
     cores = resources.get("CPU", 1)
-    cpus = config.cpus_per_predictor or (
-        GPU_PREDICTOR_CPUS if use_gpu else min(CPU_PREDICTOR_CPUS, max(cores - READ_CPUS, 0.25))
+    whole = postprocess and not use_gpu  # read, predict and post-process in one actor
+    calls = max(1, min(CPU_CALLS_PER_ACTOR, int(cores))) if whole else 1
+    default_cpus = (
+        GPU_PREDICTOR_CPUS
+        if use_gpu
+        else calls * CPU_PREDICTOR_CPUS
+        if whole
+        else min(CPU_PREDICTOR_CPUS, max(cores - READ_CPUS, 0.25))
     )
+    cpus = config.cpus_per_predictor or default_cpus
     if config.predictors:
         size = config.predictors
     elif use_gpu:
         size = max(int(gpus), 1)
-    elif postprocess:
-        size = max(1, min(int(cores), int((cores - READ_CPUS) / cpus)))
+    elif whole:
+        size = max(1, int(cores) // calls)  # a model per core
     else:
         size = 1
-    threads = config.predictor_threads or (1 if postprocess and not use_gpu else None)
+    threads = config.predictor_threads or (1 if whole else None)
     return PredictorPool(
         use_gpu=use_gpu,
         size=size,
@@ -752,6 +767,8 @@ def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> Predic
         cpus=cpus,
         threads=threads,
         postprocess=postprocess,
+        calls=calls,
+        reads=whole,
     )
 
 
@@ -779,18 +796,23 @@ class ModelPredictor:
 
 class PredictThenPostprocess:
     """A predictor actor that also post-processes its tiles (:func:`postprocess_tile`), so only
-    nuclei leave it. Wraps any predictor class (see :func:`segment_slides`)."""
+    nuclei leave it, and, given ``read_kwargs`` (those of :func:`read_tiles`), reads them first.
+    Wraps any predictor class (see :func:`segment_slides`); concurrent calls share it."""
 
     def __init__(
         self,
         predictor: type,
         predictor_kwargs: dict[str, Any],
         postprocess_kwargs: dict[str, Any],
+        read_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.predictor = predictor(**predictor_kwargs)
         self.postprocess_kwargs = postprocess_kwargs
+        self.read_kwargs = read_kwargs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.read_kwargs is not None:
+            batch = read_tiles(batch, **self.read_kwargs)
         batch = self.predictor(batch)
         rows = [
             postprocess_tile(_row(batch, i), **self.postprocess_kwargs)
@@ -817,6 +839,15 @@ def _takes(cls: type, name: str) -> bool:
     return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
+def tile_rows(rows: list[dict[str, Any]], batch_size: int) -> Any:
+    """The graph's input: the tile rows, one block per ``batch_size`` neighbouring tiles (one
+    predictor batch)."""
+    import ray
+
+    blocks = max(1, min(math.ceil(len(rows) / batch_size), 4096))
+    return ray.data.from_items(rows, override_num_blocks=blocks)
+
+
 def tile_images(
     rows: list[dict[str, Any]],
     plans: dict[str, SlidePlan],
@@ -826,12 +857,9 @@ def tile_images(
 ) -> Any:
     """The graph's read stage: tile rows → the same rows with their RGB pixels (``image``),
     one read task per block of ``batch_size`` neighbouring tiles (one predictor batch)."""
-    import ray
-
-    blocks = max(1, min(math.ceil(len(rows) / batch_size), 4096))
     # Reads are light (decode + resize). Their resources differ from the predictor's, so Ray
     # Data keeps them in parallel tasks instead of fusing them into the predictor actors.
-    return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+    return tile_rows(rows, batch_size).map_batches(
         read_tiles,
         fn_kwargs={"plans": plans, "mpp": mpp, "mpp_override": mpp_override},
         batch_size=batch_size,
@@ -864,12 +892,16 @@ def _graph(
         "keep_all": config.labels,  # the label image needs every polygon on the driver
         "subpixel": config.subpixel,
     }
-    tiles = tile_images(rows, plans, card.mpp, config.mpp_override, pool.batch_size)
+    read_kwargs = {"plans": plans, "mpp": card.mpp, "mpp_override": config.mpp_override}
     actors = {
         "batch_size": pool.batch_size,
         "num_gpus": 1 if pool.use_gpu else 0,
         "num_cpus": pool.cpus,
     }
+    if pool.reads:
+        tiles = tile_rows(rows, pool.batch_size)
+    else:
+        tiles = tile_images(rows, plans, card.mpp, config.mpp_override, pool.batch_size)
     if pool.postprocess:
         return tiles.map_batches(
             PredictThenPostprocess,
@@ -877,8 +909,15 @@ def _graph(
                 "predictor": predictor,
                 "predictor_kwargs": predictor_kwargs,
                 "postprocess_kwargs": postprocess_kwargs,
+                "read_kwargs": read_kwargs if pool.reads else None,
             },
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool.size, initial_size=1),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1,
+                max_size=pool.size,
+                initial_size=1,
+                max_concurrent_calls_per_actor=pool.calls,
+                enable_true_multi_threading=pool.calls > 1,
+            ),
             **actors,
         )
     return tiles.map_batches(
