@@ -2,8 +2,9 @@
 
 Convention: the origin is the top-left corner of the top-left pixel, so pixel ``i`` spans
 ``[i, i + 1)`` and its centre is ``i + 0.5``. Outlines are the 0.5 iso-contour of each object's
-mask (sub-pixel, through the midpoints between inside and outside pixel centres); rasterising a
-polygon back at pixel centres reproduces its mask. Every polygon returned is valid and a single
+mask (through the midpoints between inside and outside pixel centres), traced for all objects of
+a label image at once (:func:`label_rings`); rasterising a polygon back at pixel centres
+reproduces its mask. Every polygon returned is valid and a single
 ``Polygon``: invalid outlines are repaired with ``make_valid`` and the largest part is kept.
 """
 
@@ -13,9 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import shapely
-from scipy import ndimage as ndi
 from shapely.geometry import Polygon
-from skimage import measure
 
 
 def largest_polygon(geometry: shapely.Geometry) -> Polygon | None:
@@ -29,53 +28,9 @@ def largest_polygon(geometry: shapely.Geometry) -> Polygon | None:
     return max(parts, key=lambda p: p.area) if parts else None
 
 
-def mask_polygon(
-    mask: np.ndarray,
-    *,
-    simplify: float = 0.0,
-    field: np.ndarray | None = None,
-    level: float = 0.5,
-    offset: tuple[float, float] = (0.0, 0.0),
-    scale: float = 1.0,
-) -> Polygon | None:
-    """Outline of the largest object of a boolean mask, in the mask's pixel-corner frame
-    (scaled by ``scale``, then moved by ``offset``).
-
-    With ``field`` (a value per pixel, e.g. the nucleus probability; 0 on other objects), the
-    outline is its ``level`` iso-contour instead of the mask's: sub-pixel where the object meets
-    background, and never crossing the mask's pixel centres (inside values are kept above
-    ``level``, outside ones below). ``simplify`` is in mask pixels.
-    """
-    # A zero frame, so that objects touching the edge close; written in place (np.pad's generic
-    # path costs more than the contour itself for the many small masks of a tile).
-    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=np.float32)
-    inner = padded[1:-1, 1:-1]
-    if field is None:
-        inner[mask] = 1.0
-    else:
-        eps = np.float32(1e-3)
-        np.copyto(
-            inner, np.where(mask, np.maximum(field, level + eps), np.minimum(field, level - eps))
-        )
-    contours = measure.find_contours(padded, level)
-    if not contours:
-        return None
-    contour = max(contours, key=len)
-    if len(contour) < 4:
-        return None
-    # find_contours gives (row, col) at pixel centres of the padded array: shift by -1 (pad) and
-    # +0.5 (centre → corner frame).
-    xy = contour[:, ::-1] - 0.5
-    if simplify <= 0:  # one shapely construction, already in the output frame
-        return largest_polygon(Polygon(xy * scale + offset))
-    # Douglas-Peucker in mask px, then scaled and moved: its ties at the tolerance do not
-    # depend on the output frame.
-    polygon = largest_polygon(Polygon(xy))
-    if polygon is not None:
-        polygon = largest_polygon(polygon.simplify(simplify, preserve_topology=True))
-    if polygon is None:
-        return None
-    return shapely.transform(polygon, lambda c: c * scale + np.asarray(offset))
+# Outward normals of a pixel's four sides (east, south, west, north) as (row, col) steps. The side
+# with normal d is walked in direction d + 1 (mod 4), so that its object is on the walker's right.
+_NORMALS = np.array([(0, 1), (1, 0), (0, -1), (-1, 0)])
 
 
 def label_polygons(
@@ -87,7 +42,7 @@ def label_polygons(
     field: np.ndarray | None = None,
     level: float = 0.5,
 ) -> Iterator[tuple[int, Polygon]]:
-    """``(label, polygon)`` for each object of an instance label image.
+    """``(label, polygon)`` for each object of an instance label image, in label order.
 
     Args:
         labels: integer instance labels, 0 = background.
@@ -95,26 +50,128 @@ def label_polygons(
         scale: level-0 pixels per label pixel.
         simplify: Douglas-Peucker tolerance in label pixels (0: none).
         field: sub-pixel outlines from this ``(H, W)`` field's ``level`` iso-contour (e.g. the
-            nucleus probability at its threshold; see :func:`mask_polygon`).
+            nucleus probability at its threshold; see :func:`label_rings`).
     """
-    height, width = labels.shape
-    for index, window in enumerate(ndi.find_objects(labels), start=1):
-        if window is None:
-            continue
-        # One pixel of margin, so that a field's contour sees the background around the object.
-        y0, x0 = max(window[0].start - 1, 0), max(window[1].start - 1, 0)
-        y1, x1 = min(window[0].stop + 1, height), min(window[1].stop + 1, width)
-        local = labels[y0:y1, x0:x1]
-        mask = local == index
-        values = None
-        if field is not None:
-            values = np.where(mask | (local == 0), field[y0:y1, x0:x1], 0).astype(np.float32)
-        origin = (offset[0] + x0 * scale, offset[1] + y0 * scale)
-        polygon = mask_polygon(
-            mask, simplify=simplify, field=values, level=level, offset=origin, scale=scale
-        )
+    for label, ring in label_rings(labels, field=field, level=level).items():
+        polygon = _ring_polygon(ring, simplify=simplify, offset=offset, scale=scale)
         if polygon is not None:  # the outer ring alone: a repaired outline may have gained holes
-            yield index, Polygon(polygon.exterior) if polygon.interiors else polygon
+            yield label, Polygon(polygon.exterior) if polygon.interiors else polygon
+
+
+def label_rings(
+    labels: np.ndarray, *, field: np.ndarray | None = None, level: float = 0.5
+) -> dict[int, np.ndarray]:
+    """Each object's outline: its longest 0.5 iso-contour ring, ``(N, 2)`` xy in the label
+    image's pixel-corner frame (outside the image is background), counter-clockwise in x-y.
+
+    Marching squares for every object at once. A vertex lies on each pixel side between an
+    object's pixel and a pixel outside it: at the side's midpoint, or, with ``field``, where the
+    field crosses ``level`` on the line between the two pixel centres (object pixels' values are
+    kept above ``level``, background's below it, other objects' are 0). The vertex that follows
+    depends only on the two pixels ahead; object pixels that touch at a corner only are apart.
+    This is scikit-image's ``find_contours`` (``fully_connected="low"``) vertex for vertex, on
+    each object's mask, without its per-object, per-segment Python (a third of the time).
+    """
+    padded = np.pad(labels, 1)  # a background frame: objects at the edge close
+    flat = padded.ravel()
+    steps = _NORMALS[:, 0] * padded.shape[1] + _NORMALS[:, 1]
+    pixels, normals = _object_sides(flat, steps)
+    if not pixels.size:
+        return {}
+    successors = _successors(flat, steps, pixels, normals)
+    xy = _side_vertices(flat, padded.shape[1], steps, pixels, normals, field, level)
+    rings = _longest_rings(successors, flat[pixels])
+    return {label: xy[ring] for label, ring in sorted(rings.items())}
+
+
+def _object_sides(flat: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel sides where an object meets anything else: (object pixel, normal index)."""
+    inside = np.flatnonzero(flat)
+    pixels = [inside[flat[inside + step] != flat[inside]] for step in steps]
+    normals = [np.full(p.size, d) for d, p in enumerate(pixels)]
+    return np.concatenate(pixels), np.concatenate(normals)
+
+
+def _successors(
+    flat: np.ndarray, steps: np.ndarray, pixels: np.ndarray, normals: np.ndarray
+) -> np.ndarray:
+    """For each side, the index of the next side of its ring (object on the right): around the
+    corner into the pixel diagonally ahead, straight on along the pixel ahead, or a right turn
+    on the same pixel (also where only the diagonal pixel is the object's: corners don't join)."""
+    label = flat[pixels]
+    forward = (normals + 1) % 4
+    ahead = pixels + steps[forward]
+    diagonal = ahead + steps[normals]
+    ahead_in = flat[ahead] == label
+    diagonal_in = ahead_in & (flat[diagonal] == label)
+    next_pixels = np.where(diagonal_in, diagonal, np.where(ahead_in, ahead, pixels))
+    next_normals = np.where(diagonal_in, (normals + 3) % 4, np.where(ahead_in, normals, forward))
+    keys = pixels * 4 + normals
+    order = np.argsort(keys)
+    return order[np.searchsorted(keys[order], next_pixels * 4 + next_normals)]
+
+
+def _side_vertices(
+    flat: np.ndarray,
+    width: int,
+    steps: np.ndarray,
+    pixels: np.ndarray,
+    normals: np.ndarray,
+    field: np.ndarray | None,
+    level: float,
+) -> np.ndarray:
+    """``(N, 2)`` xy of each side's vertex (unpadded pixel-corner frame)."""
+    rows, cols = np.divmod(pixels, width)
+    if field is None:
+        fraction = np.float32(0.5)
+    else:
+        values = np.pad(field.astype(np.float32), 1).ravel()
+        eps = np.float32(1e-3)
+        inner = np.maximum(values[pixels], level + eps)
+        outer_pixels = pixels + steps[normals]
+        outer = np.where(flat[outer_pixels] == 0, values[outer_pixels], np.float32(0))
+        outer = np.minimum(outer, level - eps)
+        fraction = (inner - level) / (inner - outer)
+    step = _NORMALS[normals]
+    # Centres of padded pixels are at index + 0.5; the frame moves them by -1.
+    return np.column_stack([cols - 0.5 + fraction * step[:, 1], rows - 0.5 + fraction * step[:, 0]])
+
+
+def _longest_rings(successors: np.ndarray, labels: np.ndarray) -> dict[int, list[int]]:
+    """Each label's longest ring of sides (the outer one; holes and detached corners are
+    shorter), as side indices in walking order."""
+    following = successors.tolist()
+    seen = bytearray(len(following))
+    longest: dict[int, list[int]] = {}
+    for start in range(len(following)):
+        if seen[start]:
+            continue
+        ring, side = [], start
+        while not seen[side]:
+            seen[side] = 1
+            ring.append(side)
+            side = following[side]
+        label = int(labels[start])
+        if len(ring) > len(longest.get(label, ())):
+            longest[label] = ring
+    return longest
+
+
+def _ring_polygon(
+    ring: np.ndarray, *, simplify: float, offset: tuple[float, float], scale: float
+) -> Polygon | None:
+    """A ring (label px) as a valid polygon, scaled by ``scale`` and moved by ``offset``;
+    ``simplify`` is in label px."""
+    if simplify <= 0:  # one shapely construction, already in the output frame
+        return largest_polygon(Polygon(ring * scale + offset))
+    # Douglas-Peucker in label px, then scaled and moved: its ties at the tolerance do not
+    # depend on the output frame.
+    polygon = largest_polygon(Polygon(ring))
+    if polygon is not None:
+        polygon = largest_polygon(polygon.simplify(simplify, preserve_topology=True))
+    if polygon is None:
+        return None
+    return shapely.transform(polygon, lambda c: c * scale + np.asarray(offset))
 
 
 def rasterize(

@@ -110,10 +110,11 @@ def seam_neighbours(grid: TileGrid, nucleus: Nucleus, margin: float) -> set[Tile
     Empty for the nuclei no other tile can also have claimed: those are final at once.
     """
     x, y = nucleus.centroid
-    owners = {
-        grid.owner(x + dx, y + dy) for dx in (-margin, 0, margin) for dy in (-margin, 0, margin)
-    }
-    return owners - {nucleus.tile}
+    # A point's owning column depends on x alone and its row on y alone: the owners of the nine
+    # points around the centroid are every pair of the three columns and three rows.
+    cols = {grid.owner(x + d, y)[0] for d in (-margin, 0, margin)}
+    rows = {grid.owner(x, y + d)[1] for d in (-margin, 0, margin)}
+    return {(col, row) for col in cols for row in rows} - {nucleus.tile}
 
 
 @dataclass

@@ -18,6 +18,7 @@ whole in the tile that owns its centroid.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,11 +102,12 @@ class TileGrid:
     def stride(self) -> int:
         return self.tile - self.overlap
 
-    @property
+    # Cached: ownership tests ask for them for every nucleus of every tile.
+    @functools.cached_property
     def cols(self) -> int:
         return _axis_count(self.width, self.tile, self.stride)
 
-    @property
+    @functools.cached_property
     def rows(self) -> int:
         return _axis_count(self.height, self.tile, self.stride)
 

@@ -1,0 +1,110 @@
+"""The outline tracer (``segment/polygons.py``) against scikit-image's ``find_contours``, object by
+object: the same rings, vertex for vertex, with and without a sub-pixel field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import shapely
+import shapely.affinity
+from conftest import shared_path
+from PIL import Image
+from shapely.geometry import Polygon
+from skimage import measure
+
+from wsi_pipeline import synthetic
+from wsi_pipeline.segment.polygons import label_polygons, label_rings, rasterize
+
+
+def reference_ring(
+    labels: np.ndarray, label: int, field: np.ndarray | None, level: float
+) -> np.ndarray:
+    """The longest ``find_contours`` ring of one object's mask, closed, xy in the corner frame:
+    the tracer's former implementation, object by object."""
+    mask = labels == label
+    padded = np.zeros((labels.shape[0] + 2, labels.shape[1] + 2), dtype=np.float32)
+    if field is None:
+        padded[1:-1, 1:-1][mask] = 1.0
+    else:
+        values = np.where(mask | (labels == 0), field, 0).astype(np.float32)
+        eps = np.float32(1e-3)
+        padded[1:-1, 1:-1] = np.where(
+            mask, np.maximum(values, level + eps), np.minimum(values, level - eps)
+        )
+    contour = max(measure.find_contours(padded, level), key=len)
+    return contour[:-1, ::-1] - 0.5  # find_contours repeats the first point of a closed ring
+
+
+def same_ring(ring: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether two rings are the same cyclic sequence of vertices (any start)."""
+    if ring.shape != expected.shape:
+        return False
+    start = int(np.argmin(np.abs(ring - expected[0]).sum(axis=1)))
+    return bool(np.allclose(np.roll(ring, -start, axis=0), expected, atol=1e-5))
+
+
+def assert_rings_match(labels: np.ndarray, field: np.ndarray | None = None) -> int:
+    rings = label_rings(labels, field=field, level=0.5)
+    present = [int(k) for k in np.unique(labels) if k]
+    assert list(rings) == present
+    for label, ring in rings.items():
+        assert same_ring(ring, reference_ring(labels, label, field, 0.5)), label
+    return len(rings)
+
+
+EDGE_CASES = {
+    "single pixel": np.array([[1]]),
+    "corner-touching pixels are apart": np.array([[1, 0], [0, 1]]),
+    "saddle of two objects": np.array([[1, 2], [2, 1]]),
+    "ring with a hole": np.pad(np.pad(np.zeros((2, 3), int), 1, constant_values=3), 1),
+    "touching objects at the edge": np.array([[1, 1, 2, 2], [1, 1, 2, 2], [4, 4, 4, 0]]),
+    "spiral": np.array(
+        [
+            [5, 5, 5, 5, 5],
+            [0, 0, 0, 0, 5],
+            [5, 5, 5, 0, 5],
+            [5, 0, 0, 0, 5],
+            [5, 5, 5, 5, 5],
+        ]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(EDGE_CASES))
+def test_rings_equal_find_contours_on_edge_cases(name: str) -> None:
+    labels = EDGE_CASES[name]
+    field = np.random.default_rng(0).random(labels.shape).astype(np.float32)
+    assert assert_rings_match(labels) == assert_rings_match(labels, field) > 0
+
+
+def test_rings_equal_find_contours_on_random_labels() -> None:
+    """Speckled objects have every corner configuration: saddles, one-pixel bridges, holes."""
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        labels = rng.integers(0, 4, size=(24, 31)) * (rng.random((24, 31)) < 0.6)
+        field = rng.random(labels.shape).astype(np.float32)
+        assert assert_rings_match(labels) > 0
+        assert assert_rings_match(labels, field) > 0
+
+
+def test_polygons_equal_find_contours_on_a_tile_of_nuclei() -> None:
+    _, labels = synthetic.synthetic_tile(256, np.random.default_rng(1), mpp=0.5)
+    field = np.clip((labels > 0) + np.random.default_rng(2).normal(0, 0.3, labels.shape), 0, 1)
+    assert assert_rings_match(labels) > 20
+    assert assert_rings_match(labels, field.astype(np.float32)) > 20
+    # As polygons, in the output frame: valid, and each rasterises back to its nucleus.
+    for label, polygon in label_polygons(labels, offset=(100.0, 50.0), scale=2.0):
+        assert polygon.is_valid and polygon.exterior.is_ccw
+        local = shapely.affinity.affine_transform(polygon, [0.5, 0, 0, 0.5, -50.0, -25.0])
+        assert (rasterize(Polygon(local), labels.shape) == (labels == label)).all()
+
+
+@pytest.mark.shared_data
+def test_rings_equal_find_contours_on_real_nuclei() -> None:
+    """Every nucleus of two real MoNuSeg masks (1000², hundreds of touching nuclei)."""
+    masks = sorted(shared_path("monuseg_train", "masks").glob("*.png"))[:2]
+    for path in masks:
+        labels = np.asarray(Image.open(path)).astype(np.int32)
+        field = np.random.default_rng(4).random(labels.shape).astype(np.float32)
+        assert assert_rings_match(labels) > 300
+        assert assert_rings_match(labels, field) > 300
