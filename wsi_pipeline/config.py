@@ -191,27 +191,29 @@ class SegmentConfig(StrictModel):
     predictors: int | None = Field(
         None,
         ge=1,
-        description="predictor actors (default: one per GPU; on a CPU, up to one per core, "
-        "started as tiles queue, or one without postprocess_in_predictor); with "
-        "postprocess_in_predictor, the most the pool grows to",
+        description="predictor actors (default: one per GPU; on a CPU, up to one per two "
+        "cores, each running two single-threaded models at once, started as tiles queue, or "
+        "one without postprocess_in_predictor); with postprocess_in_predictor, the most the "
+        "pool grows to",
     )
     cpus_per_predictor: float | None = Field(
         None,
         gt=0,
-        description="logical CPUs of a predictor actor (default: 1 on a GPU host, 0.75 on a "
-        "CPU host)",
+        description="logical CPUs of a predictor actor (default: 1 on a GPU host, 0.75 per "
+        "model on a CPU host)",
     )
     predictor_threads: int | None = Field(
         None,
         ge=1,
-        description="a CPU predictor's threads (default: 1 when it post-processes, else all "
-        "cores of its node)",
+        description="a CPU predictor's torch threads per call (default: 1 when it "
+        "post-processes, else all cores of its node)",
     )
     postprocess_in_predictor: bool | None = Field(
         None,
-        description="post-process each tile in the predictor actor that made its probabilities "
-        "(default: on a CPU, where one single-threaded predictor per core does more work per "
-        "core than one on every core; on a GPU, CPU tasks post-process while the GPU runs)",
+        description="read and post-process each tile in the predictor actor that makes its "
+        "probabilities (default: on a CPU, where one single-threaded model per core does more "
+        "work per core than one on every core; on a GPU, CPU tasks read and post-process "
+        "while the GPU runs)",
     )
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
     mpp_override: float | None = Field(
