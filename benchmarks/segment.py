@@ -49,6 +49,7 @@ from wsi_pipeline.segment.job import (
     predictor_pool,
     resolve_tta,
     segment_slides,
+    smallest_node_cpus,
     tile_images,
 )
 from wsi_pipeline.segment.predictor import Predictor
@@ -212,6 +213,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--predictor-threads", type=int, help="a CPU predictor's threads")
     parser.add_argument("--predictors", type=int, help="predictor actors (default: the job's)")
+    parser.add_argument("--predictor-calls", type=int, help="a CPU actor's concurrent calls")
     parser.add_argument("--cpus-per-predictor", type=float, help="default: the job's")
     parser.add_argument(
         "--postprocess-in-predictor",
@@ -247,6 +249,7 @@ def main() -> None:
             device=args.device,
             predictor_threads=args.predictor_threads,
             predictors=args.predictors,
+            predictor_calls=args.predictor_calls,
             cpus_per_predictor=args.cpus_per_predictor,
             postprocess_in_predictor=args.postprocess_in_predictor,
         )
@@ -274,11 +277,12 @@ def main() -> None:
         cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         result["cpu_busy_fraction"] = round(cpu / (seconds * cores), 3)
         forward = profile["profile"]["forward_s"]
-        pool = predictor_pool(config, ray.cluster_resources())
+        pool = predictor_pool(config, ray.cluster_resources(), smallest_node_cpus())
         result["gpu_busy_fraction"] = round(forward / seconds, 3) if pool.use_gpu else None
         batch = pool.batch_size
         result["batch_size"] = batch
         result["predictors"] = pool.size
+        result["calls_per_predictor"] = pool.calls
         result["postprocess_in_predictor"] = pool.postprocess
         result["pipeline_peak_rss_mb"] = round(sampler.peak_rss / 2**20, 1)
         result["pipeline_peak_pss_mb"] = round(sampler.peak_pss / 2**20, 1)

@@ -58,6 +58,8 @@ EDGE_CASES = {
     "saddle of two objects": np.array([[1, 2], [2, 1]]),
     "ring with a hole": np.pad(np.pad(np.zeros((2, 3), int), 1, constant_values=3), 1),
     "touching objects at the edge": np.array([[1, 1, 2, 2], [1, 1, 2, 2], [4, 4, 4, 0]]),
+    "one pixel wide": np.array([[1], [1], [0], [2]]),
+    "uint16 labels with gaps": np.array([[0, 300, 300], [7, 0, 300]], dtype=np.uint16),
     "spiral": np.array(
         [
             [5, 5, 5, 5, 5],
@@ -75,6 +77,11 @@ def test_rings_equal_find_contours_on_edge_cases(name: str) -> None:
     labels = EDGE_CASES[name]
     field = np.random.default_rng(0).random(labels.shape).astype(np.float32)
     assert assert_rings_match(labels) == assert_rings_match(labels, field) > 0
+
+
+def test_no_objects_no_rings() -> None:
+    assert label_rings(np.zeros((3, 4), dtype=np.int32)) == {}
+    assert list(label_polygons(np.zeros((0, 0), dtype=np.int32))) == []
 
 
 def test_rings_equal_find_contours_on_random_labels() -> None:

@@ -516,11 +516,19 @@ def test_predictor_pool_on_a_cpu_runs_one_single_threaded_model_per_core_that_po
         1,
     )
     assert cpu.batch_size == 1 and cpu.cpus <= 2
-    # One model per core on any host: the actors' calls, each single-threaded.
-    for cores in (1.0, 3.0, 4.0, 16.0):
+    # A model per core (one more on an odd count), each single-threaded; the actors fit.
+    for cores in (1.0, 3.0, 4.0, 5.0, 16.0):
         pool = predictor_pool(SegmentConfig(), {"CPU": cores})
-        assert cores - 1 <= pool.size * pool.calls <= cores and pool.size * pool.cpus <= cores
-        assert pool.cpus <= 1.5  # fits any node with two cores
+        assert cores <= pool.size * pool.calls <= cores + 1, cores
+        assert pool.size * pool.cpus <= cores and pool.cpus <= 1.5
+    # Nodes of one CPU (a 4-CPU cluster of them): one call per actor, and an actor fits a node.
+    small = predictor_pool(SegmentConfig(), {"CPU": 4.0}, node_cpus=1.0)
+    assert (small.size, small.calls) == (4, 1) and small.cpus <= 1.0
+    # A multi-threaded model asked for: one call of it; calls asked for: as many, fitting a node.
+    threaded = predictor_pool(SegmentConfig(predictor_threads=2), {"CPU": 8.0})
+    assert (threaded.calls, threaded.threads) == (1, 2)
+    three = predictor_pool(SegmentConfig(predictor_calls=3), {"CPU": 8.0}, node_cpus=2.0)
+    assert (three.calls, three.size, three.cpus) == (3, 3, 2.0)
     # A GPU host: one actor per GPU with every core's threads; CPU tasks post-process.
     gpu = predictor_pool(SegmentConfig(), {"CPU": 16.0, "GPU": 2.0})
     assert (gpu.use_gpu, gpu.postprocess, gpu.size, gpu.threads, gpu.cpus, gpu.batch_size) == (

@@ -191,16 +191,22 @@ class SegmentConfig(StrictModel):
     predictors: int | None = Field(
         None,
         ge=1,
-        description="predictor actors (default: one per GPU; on a CPU, up to one per two "
-        "cores, each running two single-threaded models at once, started as tiles queue, or "
-        "one without postprocess_in_predictor); with postprocess_in_predictor, the most the "
-        "pool grows to",
+        description="predictor actors (default: one per GPU; on a CPU, up to one per "
+        "predictor_calls cores, started as tiles queue, or one without "
+        "postprocess_in_predictor); with postprocess_in_predictor, the most the pool grows to",
     )
     cpus_per_predictor: float | None = Field(
         None,
         gt=0,
-        description="logical CPUs of a predictor actor (default: 1 on a GPU host, 0.75 per "
-        "model on a CPU host)",
+        description="logical CPUs of a predictor actor (default: 1 on a GPU host; on a CPU "
+        "host 0.75 per concurrent call)",
+    )
+    predictor_calls: int | None = Field(
+        None,
+        ge=1,
+        description="concurrent calls, each a model, of a CPU predictor actor that "
+        "post-processes (default: 2 where every node has 2 CPUs or more and predictor_threads "
+        "is at most 1, else 1)",
     )
     predictor_threads: int | None = Field(
         None,

@@ -723,17 +723,22 @@ class PredictorPool:
     reads: bool = False  # the actor reads its own tiles (no read tasks)
 
 
-def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> PredictorPool:
-    """The predictor actors for ``config`` on a cluster with ``resources`` (Ray's totals).
+def predictor_pool(
+    config: SegmentConfig, resources: dict[str, float], node_cpus: float | None = None
+) -> PredictorPool:
+    """The predictor actors for ``config`` on a cluster with ``resources`` (Ray's totals) whose
+    smallest node with CPUs has ``node_cpus`` (None: one node, all of ``resources``).
 
     On a GPU, one actor per GPU runs the model, CPU tasks read its tiles and post-process them.
     On a CPU, by default, each actor reads, predicts *and* post-processes its tiles, in
-    ``CPU_CALLS_PER_ACTOR`` concurrent calls of a single-threaded model, one per core: a model on
-    one thread does more work per core than on several (on the 2-core dev VM two single-threaded
-    models ran 7.0 tiles/s side by side, one model on both cores 6.3), no separate tasks compete
-    with the models for the cores, and one process holds two models' work (one start-up, one
-    copy of torch). Each call asks for 0.75 logical CPUs. A configured ``predictors`` is then the
-    pool's most.
+    ``CPU_CALLS_PER_ACTOR`` concurrent calls of a single-threaded model where every node has
+    the cores for them: a model on one thread does more work per core than on several (on the
+    2-core dev VM two single-threaded models ran 7.0 tiles/s side by side, one model on both
+    cores 6.3), no separate tasks compete with the models for the cores, and one process holds
+    two models' work (one start-up, one copy of torch). There is a model per core (one more on
+    an odd count: a thread that fills the gaps reads and post-processing leave), each asking for
+    0.75 logical CPUs. ``predictor_calls`` and ``predictor_threads`` set the calls and their
+    threads (threads > 1 alone: one call); a configured ``predictors`` is the pool's most actors.
     """
     gpus = resources.get("GPU", 0)
     use_gpu = config.device == "cuda" or (config.device == "auto" and gpus > 0)
@@ -741,22 +746,22 @@ def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> Predic
         not use_gpu if config.postprocess_in_predictor is None else config.postprocess_in_predictor
     )
     cores = resources.get("CPU", 1)
+    node = node_cpus or cores
     whole = postprocess and not use_gpu  # read, predict and post-process in one actor
-    calls = max(1, min(CPU_CALLS_PER_ACTOR, int(cores))) if whole else 1
-    default_cpus = (
-        GPU_PREDICTOR_CPUS
-        if use_gpu
-        else calls * CPU_PREDICTOR_CPUS
-        if whole
-        else min(CPU_PREDICTOR_CPUS, max(cores - READ_CPUS, 0.25))
-    )
+    calls = _calls_per_actor(config, node) if whole else 1
+    if use_gpu:
+        default_cpus = GPU_PREDICTOR_CPUS
+    elif whole:  # as many calls' shares as fit on the smallest node
+        default_cpus = min(calls * CPU_PREDICTOR_CPUS, node)
+    else:
+        default_cpus = min(CPU_PREDICTOR_CPUS, max(cores - READ_CPUS, 0.25))
     cpus = config.cpus_per_predictor or default_cpus
     if config.predictors:
         size = config.predictors
     elif use_gpu:
         size = max(int(gpus), 1)
     elif whole:
-        size = max(1, int(cores) // calls)  # a model per core
+        size = max(1, math.ceil(int(cores) / calls))  # a model per core
     else:
         size = 1
     threads = config.predictor_threads or (1 if whole else None)
@@ -770,6 +775,23 @@ def predictor_pool(config: SegmentConfig, resources: dict[str, float]) -> Predic
         calls=calls,
         reads=whole,
     )
+
+
+def _calls_per_actor(config: SegmentConfig, node_cpus: float) -> int:
+    """Concurrent calls of a CPU actor that reads, predicts and post-processes."""
+    if config.predictor_calls:
+        return config.predictor_calls
+    if config.predictor_threads and config.predictor_threads > 1:
+        return 1  # one multi-threaded model, as asked
+    return max(1, min(CPU_CALLS_PER_ACTOR, int(node_cpus)))
+
+
+def smallest_node_cpus() -> float | None:
+    """CPUs of the Ray cluster's smallest live node that has any (None: none has)."""
+    import ray
+
+    cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return min((c for c in cpus if c > 0), default=None)
 
 
 def resolve_tta(config: SegmentConfig, resources: dict[str, float]) -> SegmentConfig:
@@ -876,7 +898,7 @@ def _graph(
 ) -> Any:
     import ray
 
-    pool = predictor_pool(config, ray.cluster_resources())
+    pool = predictor_pool(config, ray.cluster_resources(), smallest_node_cpus())
     predictor_kwargs: dict[str, Any] = {
         "checkpoint": config.checkpoint,
         "device": config.device,
