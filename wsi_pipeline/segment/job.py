@@ -568,12 +568,10 @@ def segment_slides(
         CheckpointError: the predictors could not load the checkpoint (checked again here
             when the job fails, so that the user reads why in one line).
     """
-    config = prepare_config(config)
-    if config.tta is None:
-        import ray
+    import ray
 
-        resources = ray.cluster_resources() if ray.is_initialized() else {}
-        config = resolve_tta(config, resources)
+    config = prepare_config(config)
+    config = resolve_tta(config, ray.cluster_resources() if ray.is_initialized() else {})
     card = read_card(config.checkpoint)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, storage.join(out_dir, "segment-config.yaml"))
@@ -720,7 +718,12 @@ class PredictorPool:
     threads: int | None  # torch threads per call on a CPU (None: every core of its node)
     postprocess: bool  # the actor also post-processes its tiles
     calls: int = 1  # concurrent calls per actor (threads that share its model)
-    reads: bool = False  # the actor reads its own tiles (no read tasks)
+
+    @property
+    def reads(self) -> bool:
+        """Whether the actor reads its own tiles (no read tasks): a CPU actor that
+        post-processes does the whole job of a tile."""
+        return self.postprocess and not self.use_gpu
 
 
 def predictor_pool(
@@ -773,7 +776,6 @@ def predictor_pool(
         threads=threads,
         postprocess=postprocess,
         calls=calls,
-        reads=whole,
     )
 
 
@@ -914,14 +916,15 @@ def _graph(
         "keep_all": config.labels,  # the label image needs every polygon on the driver
         "subpixel": config.subpixel,
     }
-    read_kwargs = {"plans": plans, "mpp": card.mpp, "mpp_override": config.mpp_override}
     actors = {
         "batch_size": pool.batch_size,
         "num_gpus": 1 if pool.use_gpu else 0,
         "num_cpus": pool.cpus,
     }
+    read_kwargs = None  # the actors read the tiles themselves, or read tasks before them do
     if pool.reads:
         tiles = tile_rows(rows, pool.batch_size)
+        read_kwargs = {"plans": plans, "mpp": card.mpp, "mpp_override": config.mpp_override}
     else:
         tiles = tile_images(rows, plans, card.mpp, config.mpp_override, pool.batch_size)
     if pool.postprocess:
@@ -931,7 +934,7 @@ def _graph(
                 "predictor": predictor,
                 "predictor_kwargs": predictor_kwargs,
                 "postprocess_kwargs": postprocess_kwargs,
-                "read_kwargs": read_kwargs if pool.reads else None,
+                "read_kwargs": read_kwargs,
             },
             compute=ray.data.ActorPoolStrategy(
                 min_size=1,

@@ -78,9 +78,10 @@ def label_rings(
     pixels, normals = _object_sides(flat, steps)
     if not pixels.size:
         return {}
-    successors = _successors(flat, steps, pixels, normals)
+    owners = flat[pixels]  # each side's label
+    successors = _successors(flat, steps, pixels, normals, owners)
     xy = _side_vertices(flat, padded.shape[1], steps, pixels, normals, field, level)
-    rings = _longest_rings(successors, flat[pixels])
+    rings = _longest_rings(successors, owners)
     return {label: xy[ring] for label, ring in sorted(rings.items())}
 
 
@@ -93,17 +94,21 @@ def _object_sides(flat: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _successors(
-    flat: np.ndarray, steps: np.ndarray, pixels: np.ndarray, normals: np.ndarray
+    flat: np.ndarray,
+    steps: np.ndarray,
+    pixels: np.ndarray,
+    normals: np.ndarray,
+    owners: np.ndarray,
 ) -> np.ndarray:
     """For each side, the index of the next side of its ring (object on the right): around the
     corner into the pixel diagonally ahead, straight on along the pixel ahead, or a right turn
-    on the same pixel (also where only the diagonal pixel is the object's: corners don't join)."""
-    label = flat[pixels]
+    on the same pixel (also where only the diagonal pixel is the object's: corners don't join).
+    ``owners`` are the sides' labels."""
     forward = (normals + 1) % 4
     ahead = pixels + steps[forward]
     diagonal = ahead + steps[normals]
-    ahead_in = flat[ahead] == label
-    diagonal_in = ahead_in & (flat[diagonal] == label)
+    ahead_in = flat[ahead] == owners
+    diagonal_in = ahead_in & (flat[diagonal] == owners)
     next_pixels = np.where(diagonal_in, diagonal, np.where(ahead_in, ahead, pixels))
     next_normals = np.where(diagonal_in, (normals + 3) % 4, np.where(ahead_in, normals, forward))
     keys = pixels * 4 + normals
