@@ -135,6 +135,10 @@ def free_port() -> int:
 # --- the cluster ----------------------------------------------------------------------------
 
 
+class NodeExited(RuntimeError):
+    """A node's ``ray start`` exited."""
+
+
 @dataclass
 class Node:
     name: str
@@ -157,6 +161,7 @@ class LoopbackCluster:
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     nodes: list[Node] = field(default_factory=list)
+    launches: list[str] = field(default_factory=list)  # node names, one per `ray start`
 
     @property
     def env(self) -> dict[str, str]:
@@ -187,16 +192,30 @@ class LoopbackCluster:
             f"--ray-client-server-port={free_port()}",
             "--num-cpus=0",
         ]
-        self._launch(Node("head", head, self.root / "head"))
-        self._wait_for(lambda: self.alive_nodes() >= 1, "the head node")
+        self._join(Node("head", head, self.root / "head"))
         address = f"--address=127.0.0.1:{self.gcs_port}"
         cpu = [address, "--num-cpus=2", '--resources={"cpu_node": 1}']
         gpu = [address, "--num-cpus=2", "--num-gpus=1", '--resources={"gpu_node": 1}']
-        self._launch(Node("cpu-node", cpu, self.root / "cpu-node"))
-        self._launch(Node("gpu-node", gpu, self.root / "gpu-node"))
-        self._wait_for(lambda: self.alive_nodes() == 3, "3 nodes")
+        # One at a time: two raylets registering at once on a loaded 2-core machine can keep
+        # the GCS busy past `ray start`'s fixed 30 s wait for its node (seen in CI).
+        self._join(Node("cpu-node", cpu, self.root / "cpu-node"))
+        self._join(Node("gpu-node", gpu, self.root / "gpu-node"))
 
-    def _launch(self, node: Node) -> None:
+    def _join(self, node: Node, attempts: int = 3) -> None:
+        """Start ``node`` and wait until the GCS lists it alive; start it again, up to
+        ``attempts`` times, if its ``ray start`` gives up (it does after 30 s without its node
+        info, which a busy GCS can fail to give)."""
+        for attempt in range(1, attempts + 1):
+            self._launch(node, f"{node.name}-{len(self.launches)}")
+            try:
+                self._wait_for(lambda: self.launches[-1] in self.alive_names(), node.name)
+                return
+            except NodeExited:
+                self.kill_node(node)  # what that try left behind, in its session
+                if attempt == attempts:
+                    raise
+
+    def _launch(self, node: Node, name: str) -> None:
         # Its own temp dir per node, as on separate machines (and no socket-name races).
         node.root.mkdir(parents=True, exist_ok=True)
         ports = [
@@ -214,26 +233,33 @@ class LoopbackCluster:
             "start",
             "--block",
             "--node-ip-address=127.0.0.1",
+            f"--node-name={name}",  # this launch's, so a dead earlier try never counts
             f"--temp-dir={node.root}",
             f"--object-store-memory={256 * 2**20}",
             "--disable-usage-stats",
             *node.args,
             *ports,
         ]
-        log = open(node.root / "ray-start.log", "wb")  # noqa: SIM115 - lives with the node
+        log = open(node.root / "ray-start.log", "ab")  # noqa: SIM115 - lives with the node
         node.process = subprocess.Popen(
             command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        self.launches.append(name)
         if node not in self.nodes:
             self.nodes.append(node)
 
-    def alive_nodes(self) -> int:
+    def _nodes(self) -> list[dict[str, Any]]:
         try:
             reply = requests.get(f"{self.url}/api/v0/nodes", headers=self.headers, timeout=5)
-            nodes = reply.json()["data"]["result"]["result"]
+            return list(reply.json()["data"]["result"]["result"])
         except (requests.RequestException, ValueError, KeyError, TypeError):
-            return 0
-        return sum(n["state"] == "ALIVE" for n in nodes)
+            return []
+
+    def alive_nodes(self) -> int:
+        return sum(n["state"] == "ALIVE" for n in self._nodes())
+
+    def alive_names(self) -> set[str]:
+        return {n["node_name"] for n in self._nodes() if n["state"] == "ALIVE"}
 
     def _wait_for(self, condition: Any, what: str, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
@@ -242,7 +268,7 @@ class LoopbackCluster:
                 assert node.process is not None
                 if node.process.poll() is not None:
                     log = (node.root / "ray-start.log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"{node.name} exited while waiting for {what}:\n{log}")
+                    raise NodeExited(f"{node.name} exited while waiting for {what}:\n{log}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out waiting for {what}")
             time.sleep(0.5)
@@ -252,7 +278,7 @@ class LoopbackCluster:
         for node in self.nodes[1:]:
             assert node.process is not None
             if node.process.poll() is not None:
-                self._launch(node)
+                self._join(node)
         self._wait_for(lambda: self.alive_nodes() == len(self.nodes), f"{len(self.nodes)} nodes")
 
     def kill_node(self, node: Node) -> list[Proc]:
