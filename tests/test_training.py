@@ -158,11 +158,12 @@ def test_train_command_with_the_smoke_config_and_a_ray_of_its_own(
     smoke = str(REPO / "configs" / "train" / "smoke.yaml")
     argv = [sys.executable, "-c", code, "train", "--config", smoke, "--data", store]
     argv += ["--out", str(tmp_path / "run"), "--epochs", "1", "--workers", "1"]
+    argv += ["--set", "monitor=epoch"]  # a fixed schedule: the last epoch's checkpoint
     # A user's environment: no address, and no auth mode (the tests' Ray set one in this process).
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "best checkpoint:" in run.stdout
+    assert "best checkpoint:" in run.stdout and "(epoch 0, the last)" in run.stdout
     assert "State API" not in run.stderr, run.stderr[-2000:]
     assert "Token authentication" not in run.stderr  # Ray's note, without --verbose
     card = read_card(tmp_path / "run" / "best")
@@ -244,6 +245,10 @@ def test_early_stopping_and_best_tracking() -> None:
     restored = _Progress(tiny_config())
     restored.load(progress.state())
     assert restored.state() == progress.state()
+    last = _Progress(tiny_config(monitor="epoch", early_stopping_patience=2))
+    for epoch, dice in enumerate([0.2, 0.5, 0.4, 0.45]):
+        last.update({"epoch": epoch, "val_dice": dice})
+    assert (last.best_epoch, last.stopped) == (3, False)  # a fixed schedule never stalls
 
 
 def test_init_from_fine_tunes_a_checkpoint_and_refuses_another_model(
@@ -294,7 +299,7 @@ def test_a_run_of_another_model_is_not_resumed(store: str, tmp_path: Path) -> No
 def test_ema_checkpoints_hold_the_averaged_weights_and_resume(store: str, tmp_path: Path) -> None:
     """With ema_decay the checkpoint is the moving average, and a resumed run keeps both the
     raw weights (to go on training) and the average."""
-    config = tiny_config(ema_decay=0.9, epochs=1)
+    config = tiny_config(ema_decay=0.9, epochs=1, monitor="epoch")  # a fixed schedule
     out = tmp_path / "ema"
     run_training(config, store, out)
     first = read_card(out / "best")
@@ -304,8 +309,9 @@ def test_ema_checkpoints_hold_the_averaged_weights_and_resume(store: str, tmp_pa
     assert state["ema_steps"] >= 1
     assert raw.keys() == averaged.keys()
     assert any(not torch.equal(raw[k].float(), averaged[k].float()) for k in raw)
-    again = run_training(tiny_config(ema_decay=0.9, epochs=2), store, out)
+    again = run_training(tiny_config(ema_decay=0.9, epochs=2, monitor="epoch"), store, out)
     assert again["last_epoch"] == 1 and first.training["epoch"] == 0
+    assert again["best_epoch"] == 1  # "epoch" keeps the last, whatever the scores did
 
 
 def test_distance_mode_trains_tunes_and_segments(

@@ -93,9 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: training failed: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
     metric = summary["metrics"].get(config.monitor)
+    picked = "the last" if metric is None else f"{config.monitor} {metric:.4f}"
     print(
-        f"best checkpoint: {summary['best']} (epoch {summary['best_epoch']}, "
-        f"{config.monitor} {metric:.4f}); {summary['seconds']} s"
+        f"best checkpoint: {summary['best']} (epoch {summary['best_epoch']}, {picked}); "
+        f"{summary['seconds']} s"
     )
     return 0
 

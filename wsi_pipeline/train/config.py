@@ -22,7 +22,8 @@ from wsi_pipeline.train.evaluation import SCORES
 from wsi_pipeline.train.losses import list_losses
 from wsi_pipeline.train.targets import TargetMode, num_classes
 
-MONITORS = ("val_loss", "train_loss", *(f"val_{s}" for s in SCORES))
+# "epoch" keeps the last epoch: a fixed schedule, no pick among noisy validation scores.
+MONITORS = ("epoch", "val_loss", "train_loss", *(f"val_{s}" for s in SCORES))
 
 
 class ModelSection(StrictModel):
@@ -118,7 +119,10 @@ class TrainConfig(StrictModel):
     optimizer: OptimizerSection = OptimizerSection()
     data: DataSection = DataSection()
     epochs: int = Field(100, ge=1)
-    monitor: str = Field("val_aji", description=f"one of {', '.join(MONITORS)}")
+    monitor: str = Field(
+        "val_aji",
+        description=f"what picks the checkpoint, one of {', '.join(MONITORS)} (epoch: the last)",
+    )
     monitor_mode: Literal["max", "min"] | None = Field(None, description="default: min for *loss")
     early_stopping_patience: int | None = Field(None, ge=1, description="epochs without gain")
     workers: int = Field(1, ge=1)
