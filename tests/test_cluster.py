@@ -161,7 +161,7 @@ class LoopbackCluster:
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     nodes: list[Node] = field(default_factory=list)
-    launches: list[str] = field(default_factory=list)  # node names, one per `ray start`
+    launches: int = 0  # `ray start`s so far: each launch's node name is unique
 
     @property
     def env(self) -> dict[str, str]:
@@ -206,14 +206,16 @@ class LoopbackCluster:
         ``attempts`` times, if its ``ray start`` gives up (it does after 30 s without its node
         info, which a busy GCS can fail to give)."""
         for attempt in range(1, attempts + 1):
-            self._launch(node, f"{node.name}-{len(self.launches)}")
+            name = f"{node.name}-{self.launches}"
+            self._launch(node, name)
             try:
-                self._wait_for(lambda: self.launches[-1] in self.alive_names(), node.name)
+                self._wait_for(lambda name=name: name in self.alive_names(), node.name)
                 return
             except NodeExited:
+                assert node.process is not None
+                if node.process.poll() is None or attempt == attempts:
+                    raise  # another node exited, or this one kept giving up
                 self.kill_node(node)  # what that try left behind, in its session
-                if attempt == attempts:
-                    raise
 
     def _launch(self, node: Node, name: str) -> None:
         # Its own temp dir per node, as on separate machines (and no socket-name races).
@@ -244,7 +246,7 @@ class LoopbackCluster:
         node.process = subprocess.Popen(
             command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        self.launches.append(name)
+        self.launches += 1
         if node not in self.nodes:
             self.nodes.append(node)
 
