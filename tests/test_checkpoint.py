@@ -38,6 +38,7 @@ def test_saved_cards_record_the_size_divisor_of_their_architecture(lanet: Path) 
         "nuclei-unet16-v3",
         "nuclei-unet16-v4",
         "nuclei-unet16-v5",
+        "nuclei-unet16-v6",
     ):
         _, card = check_checkpoint(shipped)
         assert card.size_divisor == 16

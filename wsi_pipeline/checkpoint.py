@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 WEIGHTS = "model.pt"
 CARD = "model.json"
 SHIPPED = Path(__file__).resolve().parent / "weights"
-DEFAULT_MODEL = "nuclei-unet16-v5"
+DEFAULT_MODEL = "nuclei-unet16-v6"
 
 
 class CheckpointError(FileNotFoundError):

@@ -186,7 +186,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument(
         "--init-from",
         metavar="CHECKPOINT",
-        help="start from this checkpoint's weights (e.g. nuclei-unet16-v5: fine-tune it)",
+        help="start from this checkpoint's weights (e.g. nuclei-unet16-v6: fine-tune it)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config key")
     p.set_defaults(func=cmd_train)
