@@ -13,7 +13,13 @@ from shapely.geometry import Polygon
 from skimage import measure
 
 from wsi_pipeline import synthetic
-from wsi_pipeline.segment.polygons import label_polygons, label_rings, rasterize
+from wsi_pipeline.segment.polygons import (
+    label_polygons,
+    label_rings,
+    largest_polygon,
+    polygon_array,
+    rasterize,
+)
 
 
 def reference_ring(
@@ -115,3 +121,34 @@ def test_rings_equal_find_contours_on_real_nuclei() -> None:
         field = np.random.default_rng(4).random(labels.shape).astype(np.float32)
         assert assert_rings_match(labels) > 300
         assert assert_rings_match(labels, field) > 300
+
+
+def test_polygon_array_builds_what_one_polygon_per_ring_would() -> None:
+    """The array path (one GEOS call for all objects) against a polygon per ring, and a
+    self-touching outline repaired to its largest part as before."""
+    _, labels = synthetic.synthetic_tile(256, np.random.default_rng(5), mpp=0.5)
+    labels[0:3, 0:3] = 0
+    labels[0, 0] = labels[1, 1] = labels[0:3, 2] = labels.max() + 1  # a bow tie of pixels
+    ids, polygons = polygon_array(labels, offset=(10.0, 20.0), scale=4.0)
+    rings = label_rings(labels)
+    assert ids.tolist() == list(rings) and len(ids) > 20
+    for label, polygon in zip(ids.tolist(), polygons.tolist(), strict=True):
+        expected = largest_polygon(Polygon(rings[label] * 4.0 + (10.0, 20.0)))
+        assert polygon.is_valid and polygon.equals_exact(expected, 0)
+
+
+def test_shape_measurements_of_a_square_and_a_triangle() -> None:
+    from wsi_pipeline.segment.nuclei import shape_measurements
+
+    square, triangle = (
+        Polygon([(0, 0), (10, 0), (10, 10), (0, 10)]),
+        Polygon([(0, 0), (4, 0), (0, 3)]),
+    )
+    first, second = shape_measurements(np.array([square, triangle], dtype=object), 0.5)
+    assert first == {
+        "Area µm^2": 25.0,
+        "Perimeter µm": 20.0,
+        "Circularity": 0.7854,
+        "Solidity": 1.0,
+    }
+    assert second == {"Area µm^2": 1.5, "Perimeter µm": 6.0, "Circularity": 0.5236, "Solidity": 1.0}

@@ -13,7 +13,7 @@ from wsi_pipeline.checkpoint import ModelCard
 from wsi_pipeline.segment.instances import instances_from_probabilities
 from wsi_pipeline.segment.nuclei import tile_nuclei
 from wsi_pipeline.segment.polygons import label_polygons
-from wsi_pipeline.segment.stitching import Nucleus, SeamResolver
+from wsi_pipeline.segment.stitching import Nucleus, SeamResolver, near_seams, seam_neighbours
 from wsi_pipeline.slides.tiling import Box, TileGrid
 from wsi_pipeline.train.targets import make_target, one_hot
 
@@ -131,3 +131,16 @@ def test_an_instance_wider_than_the_overlap_is_counted_not_silently_lost() -> No
     right[:] = 0
     right[40:60, 0:6] = 1  # centroid x 115: in tile 0's core, so tile 1 neither keeps nor counts
     assert owned_instances(right, grid.tile_at(1, 0), grid) == ([], 0)
+
+
+def test_near_seams_is_whether_a_nucleus_has_seam_neighbours() -> None:
+    grid = TileGrid(1000, 800, 256, 64)
+    rng = np.random.default_rng(3)
+    nuclei = []
+    for x, y in rng.uniform(0, [1000, 800], size=(300, 2)):
+        tile = grid.owner(x, y)
+        nuclei.append(Nucleus(Polygon(), (float(x), float(y)), tile))
+    near = near_seams(grid, nuclei, margin=16.0)
+    assert near.tolist() == [bool(seam_neighbours(grid, n, 16.0)) for n in nuclei]
+    assert 0 < near.sum() < len(nuclei)
+    assert near_seams(grid, [], 16.0).shape == (0,)

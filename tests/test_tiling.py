@@ -86,3 +86,12 @@ def test_grid_size_rounds_up_but_not_for_float_noise() -> None:
     assert grid_size(2221, 2967, 2.0) == (1111, 1484)
     assert grid_size(1000, 1000, 0.5 / 0.499) == (998, 998)  # 1000 * 0.499 / 0.5
     assert grid_size(1001, 1000, 0.5 / 0.499) == (999, 998)  # 998.998 rounds up
+
+
+@settings(max_examples=60, deadline=None)
+@given(grids, st.lists(st.floats(-50, 800), min_size=1, max_size=40))
+def test_owners_of_many_points_are_each_points_owner(grid: TileGrid, values: list[float]) -> None:
+    xs, ys = np.array(values), np.array(values[::-1])
+    cols, rows = grid.owners(xs, ys)
+    owners = [grid.owner(x, y) for x, y in zip(xs, ys, strict=True)]
+    assert list(zip(cols.tolist(), rows.tolist(), strict=True)) == owners

@@ -73,6 +73,11 @@ def encode_feature(feature: dict[str, Any]) -> str:
     than ``json.dumps`` on nucleus features, which are a large part of a tile's post-processing.
     """
     text = orjson.dumps(feature, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    if text.isascii():
+        return text
+    text = text.replace(
+        "µ", "\\u00b5"
+    )  # in every nucleus's measurement names: 7x the regex's speed
     return text if text.isascii() else _NON_ASCII.sub(_json_escape, text)
 
 

@@ -59,7 +59,7 @@ from wsi_pipeline.segment.nuclei import (
     unpack_nuclei,
 )
 from wsi_pipeline.segment.quantize import dequantize
-from wsi_pipeline.segment.stitching import Nucleus, SeamResolver, seam_neighbours
+from wsi_pipeline.segment.stitching import Nucleus, SeamResolver, near_seams
 from wsi_pipeline.slides.image_store import COMPLETE as STORE_COMPLETE
 from wsi_pipeline.slides.image_store import is_complete as is_store_complete
 from wsi_pipeline.slides.image_store import read_layout
@@ -333,7 +333,7 @@ def postprocess_tile(
         return row
     if plan.tissue_mpp:
         nuclei = on_tissue_nuclei(nuclei, tissue, plan, tile)
-    on_seam = [keep_all or bool(seam_neighbours(grid, n, seam_margin)) for n in nuclei]
+    on_seam = [True] * len(nuclei) if keep_all else near_seams(grid, nuclei, seam_margin).tolist()
     final = [n for n, seam in zip(nuclei, on_seam, strict=True) if not seam]
     row["features"] = ",\n".join(nucleus_json(n) for n in final)
     row["count"] = len(final)

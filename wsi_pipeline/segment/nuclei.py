@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import pickle
 import time
-from typing import Any
 
 import numpy as np
+import shapely
 
 from wsi_pipeline.checkpoint import ModelCard
 from wsi_pipeline.segment.geojson import encode_feature, nucleus_feature
@@ -20,7 +20,7 @@ from wsi_pipeline.segment.instances import (
     instances_from_probabilities,
     mean_class_probability,
 )
-from wsi_pipeline.segment.polygons import label_polygons
+from wsi_pipeline.segment.polygons import polygon_array
 from wsi_pipeline.segment.stitching import Nucleus, owned_instances
 from wsi_pipeline.slides.tiling import Tile, TileGrid
 
@@ -29,15 +29,22 @@ from wsi_pipeline.slides.tiling import Tile, TileGrid
 LABELS_PER_TILE = 2**14
 
 
-def shape_measurements(polygon: Any, mpp: float) -> dict[str, float]:
-    """QuPath measurements of a level-0 polygon: area µm², perimeter µm, circularity, solidity."""
-    area, perimeter = polygon.area * mpp**2, polygon.length * mpp
-    hull = polygon.convex_hull.area
+def shape_measurements(polygons: np.ndarray, mpp: float) -> list[dict[str, float]]:
+    """QuPath measurements of each level-0 polygon of a shapely array: area µm², perimeter µm,
+    circularity, solidity (shapely's array functions: one GEOS call per measure for all)."""
+    areas = shapely.area(polygons).tolist()
+    lengths = shapely.length(polygons).tolist()
+    hulls = shapely.area(shapely.convex_hull(polygons)).tolist()
+    return [_measurements(a, n, h, mpp) for a, n, h in zip(areas, lengths, hulls, strict=True)]
+
+
+def _measurements(area_px: float, length_px: float, hull_px: float, mpp: float) -> dict[str, float]:
+    area, perimeter = area_px * mpp**2, length_px * mpp
     return {
         "Area µm^2": round(area, 3),
         "Perimeter µm": round(perimeter, 3),
         "Circularity": round(min(1.0, 4 * math.pi * area / perimeter**2), 4) if perimeter else 0.0,
-        "Solidity": round(polygon.area / hull, 4) if hull else 0.0,
+        "Solidity": round(area_px / hull_px, 4) if hull_px else 0.0,
     }
 
 
@@ -84,7 +91,7 @@ def tile_nuclei(
     labels = np.where(owned, labels, 0)
     offset = (tile.box.x0 * downsample, tile.box.y0 * downsample)
     first_label = (tile.row * grid.cols + tile.col) * LABELS_PER_TILE
-    polygons = label_polygons(
+    ids, polygons = polygon_array(
         labels,
         offset=offset,
         scale=downsample,
@@ -92,14 +99,26 @@ def tile_nuclei(
         field=field,
         level=card.postprocess.foreground_threshold,
     )
+    centres = shapely.centroid(polygons)
+    xs, ys = shapely.get_x(centres).tolist(), shapely.get_y(centres).tolist()
+    probabilities = mean_prob[ids - 1].tolist()
     nuclei = []
-    for k, (label, polygon) in enumerate(polygons, start=1):
-        c = polygon.centroid
-        measurements = shape_measurements(polygon, level0_mpp)
-        measurements["Nucleus probability"] = round(float(mean_prob[label - 1]), 4)
-        centroid = (c.x / downsample, c.y / downsample)
-        tile_index = (tile.col, tile.row)
-        nuclei.append(Nucleus(polygon, centroid, tile_index, measurements, first_label + k))
+    for k, (polygon, measurements, x, y, probability) in enumerate(
+        zip(
+            polygons.tolist(),
+            shape_measurements(polygons, level0_mpp),
+            xs,
+            ys,
+            probabilities,
+            strict=True,
+        ),
+        start=1,
+    ):
+        measurements["Nucleus probability"] = round(probability, 4)
+        centroid = (x / downsample, y / downsample)
+        nuclei.append(
+            Nucleus(polygon, centroid, (tile.col, tile.row), measurements, first_label + k)
+        )
     return nuclei, oversize
 
 

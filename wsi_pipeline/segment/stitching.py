@@ -47,20 +47,14 @@ def owned_instances(labels: np.ndarray, tile: Tile, grid: TileGrid) -> tuple[lis
     n = int(labels.max())
     if n == 0:
         return [], 0
-    cut = _labels_on_inner_edges(labels, tile, grid)
-    keep, oversize = [], 0
-    for label, (cy, cx) in enumerate(zip(*pixel_centroids(labels, n), strict=True), start=1):
-        if np.isnan(cx):
-            continue
-        # Centroids are in pixel-index coordinates; +0.5 moves to the pixel-corner frame.
-        gx, gy = tile.box.x0 + cx + 0.5, tile.box.y0 + cy + 0.5
-        if grid.owner(gx, gy) != (tile.col, tile.row):
-            continue
-        if label in cut:
-            oversize += 1
-        else:
-            keep.append(int(label))
-    return keep, oversize
+    cy, cx = pixel_centroids(labels, n)
+    # Centroids are in pixel-index coordinates; +0.5 moves to the pixel-corner frame.
+    cols, rows = grid.owners(tile.box.x0 + cx + 0.5, tile.box.y0 + cy + 0.5)
+    owned = ~np.isnan(cx) & (cols == tile.col) & (rows == tile.row)
+    cut = np.zeros(n + 1, dtype=bool)
+    cut[_labels_on_inner_edges(labels, tile, grid)] = True
+    ids = np.arange(1, n + 1)
+    return ids[owned & ~cut[1:]].tolist(), int(np.count_nonzero(owned & cut[1:]))
 
 
 def pixel_centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,8 +74,8 @@ def pixel_centroids(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]
     return cy, cx
 
 
-def _labels_on_inner_edges(labels: np.ndarray, tile: Tile, grid: TileGrid) -> set[int]:
-    edges = []
+def _labels_on_inner_edges(labels: np.ndarray, tile: Tile, grid: TileGrid) -> np.ndarray:
+    edges = [np.zeros(0, dtype=labels.dtype)]
     if tile.col > 0:
         edges.append(labels[:, 0])
     if tile.col < grid.cols - 1:
@@ -90,7 +84,7 @@ def _labels_on_inner_edges(labels: np.ndarray, tile: Tile, grid: TileGrid) -> se
         edges.append(labels[0, :])
     if tile.row < grid.rows - 1:
         edges.append(labels[-1, :])
-    return {int(v) for edge in edges for v in np.unique(edge) if v}
+    return np.unique(np.concatenate(edges))
 
 
 @dataclass
@@ -115,6 +109,19 @@ def seam_neighbours(grid: TileGrid, nucleus: Nucleus, margin: float) -> set[Tile
     cols = {grid.owner(x + d, y)[0] for d in (-margin, 0, margin)}
     rows = {grid.owner(x, y + d)[1] for d in (-margin, 0, margin)}
     return {(col, row) for col in cols for row in rows} - {nucleus.tile}
+
+
+def near_seams(grid: TileGrid, nuclei: list[Nucleus], margin: float) -> np.ndarray:
+    """``bool(seam_neighbours(grid, n, margin))`` for each of ``nuclei`` at once."""
+    if not nuclei:
+        return np.zeros(0, dtype=bool)
+    x, y = np.array([n.centroid for n in nuclei], dtype=np.float64).T
+    tile_cols, tile_rows = np.array([n.tile for n in nuclei]).T
+    near = np.zeros(len(nuclei), dtype=bool)
+    for d in (-margin, 0, margin):
+        cols, rows = grid.owners(x + d, y + d)
+        near |= (cols != tile_cols) | (rows != tile_rows)
+    return near
 
 
 @dataclass

@@ -23,6 +23,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True, order=True)
 class Box:
@@ -146,8 +148,16 @@ class TileGrid:
             self._owner_index(y, self.rows),
         )
 
+    def owners(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`owner` of many grid points at once: their columns and rows (int arrays)."""
+        return self._owner_indices(xs, self.cols), self._owner_indices(ys, self.rows)
+
     def _owner_index(self, v: float, count: int) -> int:
         return min(count - 1, max(0, math.floor((v - self.overlap // 2) / self.stride)))
+
+    def _owner_indices(self, v: np.ndarray, count: int) -> np.ndarray:
+        index = np.floor((np.asarray(v, dtype=np.float64) - self.overlap // 2) / self.stride)
+        return np.clip(index, 0, count - 1).astype(np.int64)
 
 
 @dataclass(frozen=True)
