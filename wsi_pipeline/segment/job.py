@@ -60,6 +60,7 @@ from wsi_pipeline.segment.nuclei import (
 )
 from wsi_pipeline.segment.quantize import dequantize
 from wsi_pipeline.segment.stitching import Nucleus, SeamResolver, near_seams
+from wsi_pipeline.segment.warm_start import start_ray_data_helpers
 from wsi_pipeline.slides.image_store import COMPLETE as STORE_COMPLETE
 from wsi_pipeline.slides.image_store import is_complete as is_store_complete
 from wsi_pipeline.slides.image_store import read_layout
@@ -570,6 +571,7 @@ def segment_slides(
     """
     import ray
 
+    start_ray_data_helpers()  # their processes start while this driver checks and plans
     config = prepare_config(config)
     config = resolve_tta(config, ray.cluster_resources() if ray.is_initialized() else {})
     card = read_card(config.checkpoint)
