@@ -75,9 +75,8 @@ def encode_feature(feature: dict[str, Any]) -> str:
     text = orjson.dumps(feature, option=orjson.OPT_SERIALIZE_NUMPY).decode()
     if text.isascii():
         return text
-    text = text.replace(
-        "µ", "\\u00b5"
-    )  # in every nucleus's measurement names: 7x the regex's speed
+    # µ is in every nucleus's measurement names: str.replace is 7x the regex's speed.
+    text = text.replace("µ", "\\u00b5")
     return text if text.isascii() else _NON_ASCII.sub(_json_escape, text)
 
 
