@@ -28,7 +28,7 @@ import time
 
 from wsi_pipeline.checkpoint import read_card, resolve_checkpoint
 from wsi_pipeline.config import SegmentConfig
-from wsi_pipeline.segment.job import resolve_tta
+from wsi_pipeline.segment.job import resolve_tensor_instances, resolve_tta
 from wsi_pipeline.slide_scoring import load_sources, oracle_ceiling, whole_slide_scores
 from wsi_pipeline.train.evaluation import SCORES, evaluate_checkpoint
 
@@ -44,6 +44,7 @@ def measure(
     cells: int | None = None,
     subpixel: bool = True,
     tta: bool | None = None,
+    tensor_instances: bool | None = None,
 ) -> dict:
     """Score ``checkpoint`` on each split three ways (Ray must be initialised)."""
     import ray
@@ -57,14 +58,17 @@ def measure(
         device=device,
         subpixel=subpixel,
         tta=tta,
+        tensor_instances=tensor_instances,
     )
-    config = resolve_tta(config, ray.cluster_resources())  # None: as the job decides it
+    resources = ray.cluster_resources()  # None: as the job decides it
+    config = resolve_tensor_instances(resolve_tta(config, resources), resources, card)
     result: dict = {
         "benchmark": "accuracy",
         "checkpoint": checkpoint,
         "mpp": card.mpp,
         "subpixel": subpixel,
         "tta": config.tta,
+        "tensor_instances": config.tensor_instances,
     }
     for split in splits:
         start = time.perf_counter()
@@ -100,6 +104,11 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="flip test-time augmentation in the slide path (default: the job's, on a GPU only)",
     )
+    parser.add_argument(
+        "--tensor-instances",
+        action=argparse.BooleanOptionalAction,
+        help="instances found in the predictor, as tensors (default: the job's, on a GPU only)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -116,6 +125,7 @@ def main() -> None:
         cells=args.cells,
         subpixel=not args.pixel_grid,
         tta=args.tta,
+        tensor_instances=args.tensor_instances,
     )
     print(json.dumps(result))
 

@@ -88,13 +88,20 @@ def measure(
     overlap: int = 64,
     device: str = "auto",
     seed: int = 0,
+    tensor_instances: bool | None = None,
 ) -> dict:
     """Build the mosaic, segment it four ways and score each (Ray must be initialised)."""
     sources, mpp = load_sources(data, splits)
     mosaic = build_mosaic(sources, cells, seed)
     side = mosaic.width
     checkpoint = str(resolve_checkpoint(checkpoint))
-    config = SegmentConfig(checkpoint=checkpoint, tile=tile, overlap=overlap, device=device)
+    config = SegmentConfig(
+        checkpoint=checkpoint,
+        tile=tile,
+        overlap=overlap,
+        device=device,
+        tensor_instances=tensor_instances,
+    )
     # One tile covering the slide at the model's mpp, rounded up to a multiple of 64 px.
     one_tile = -(-round(side * mpp / read_card(checkpoint).mpp) // 64) * 64
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,6 +132,7 @@ def measure(
         "cells": sum(1 for _ in mosaic.tissue_cells()),
         "tile": tile,
         "overlap": overlap,
+        "tensor_instances": tensor_instances,
         **scores,
         "seam_ratio_aji": round(whole / one, 4),
         "seam_ratio_dice": round(scores["whole_slide"]["dice"] / scores["one_tile"]["dice"], 4),
@@ -144,6 +152,11 @@ def main() -> None:
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tensor-instances",
+        action=argparse.BooleanOptionalAction,
+        help="instances found in the predictor, as tensors (default: the job's, on a GPU only)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -159,6 +172,7 @@ def main() -> None:
         overlap=args.overlap,
         device=args.device,
         seed=args.seed,
+        tensor_instances=args.tensor_instances,
     )
     print(json.dumps(result))
 

@@ -47,6 +47,7 @@ from wsi_pipeline.models import create_model
 from wsi_pipeline.segment.job import (
     plan_slide,
     predictor_pool,
+    resolve_tensor_instances,
     resolve_tta,
     segment_slides,
     smallest_node_cpus,
@@ -221,6 +222,11 @@ def main() -> None:
         help="default: the job's (yes on a CPU, no on a GPU)",
     )
     parser.add_argument(
+        "--tensor-instances",
+        action=argparse.BooleanOptionalAction,
+        help="default: the job's (yes where a GPU runs the model, no on a CPU)",
+    )
+    parser.add_argument(
         "--e2e-only", action="store_true", help="skip the read-only and predictor-only passes"
     )
     parser.add_argument(
@@ -252,9 +258,11 @@ def main() -> None:
             predictor_calls=args.predictor_calls,
             cpus_per_predictor=args.cpus_per_predictor,
             postprocess_in_predictor=args.postprocess_in_predictor,
+            tensor_instances=args.tensor_instances,
         )
-        config = resolve_tta(config, ray.cluster_resources())  # as the job decides it
         card = read_card(checkpoint)
+        resources = ray.cluster_resources()  # TTA and tensor instances as the job decides them
+        config = resolve_tensor_instances(resolve_tta(config, resources), resources, card)
         plan = plan_slide(slide, card, config)
         rows = plan.rows(slide)
         result: dict[str, object] = {
@@ -284,6 +292,7 @@ def main() -> None:
         result["predictors"] = pool.size
         result["calls_per_predictor"] = pool.calls
         result["postprocess_in_predictor"] = pool.postprocess
+        result["tensor_instances"] = config.tensor_instances
         result["pipeline_peak_rss_mb"] = round(sampler.peak_rss / 2**20, 1)
         result["pipeline_peak_pss_mb"] = round(sampler.peak_pss / 2**20, 1)
         result["torch_processes"] = dict(Counter(sampler.torch_pids.values()))

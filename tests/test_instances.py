@@ -6,7 +6,11 @@ from conftest import shared_path
 from scipy import ndimage as ndi
 
 from wsi_pipeline.metrics import score_image
-from wsi_pipeline.segment.instances import instances_from_probabilities, mean_class_probability
+from wsi_pipeline.segment.instances import (
+    foreground_probability,
+    instance_means,
+    instances_from_probabilities,
+)
 from wsi_pipeline.train.targets import make_target, num_classes, one_hot
 
 
@@ -139,11 +143,11 @@ def test_hole_filling_equals_binary_fill_holes_on_touching_instances() -> None:
         np.testing.assert_array_equal(_fill_enclosed_holes(image), image)
 
 
-def test_mean_class_probability_by_hand() -> None:
+def test_mean_nucleus_probability_by_hand() -> None:
     labels = np.array([[1, 1, 0], [0, 3, 0]], dtype=np.int32)
     probs = np.zeros((3, 2, 3), dtype=np.float32)
     probs[0] = [[0.2, 0.6, 1.0], [1.0, 0.1, 1.0]]  # p(background); nucleus = 1 - p
-    means = mean_class_probability(labels, probs)
+    means = instance_means(labels, foreground_probability(probs))
     # label 1: (0.8 + 0.4) / 2 = 0.6; label 2: no pixels; label 3: 0.9
     np.testing.assert_allclose(means, [0.6, np.nan, 0.9], rtol=1e-6)
 

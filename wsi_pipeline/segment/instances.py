@@ -101,24 +101,15 @@ def instances_from_probabilities(
     return _remove_small_and_relabel(labels, min_size)
 
 
-def mean_class_probability(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Mean nucleus probability of each instance.
-
-    Args:
-        labels: (H, W) instance labels, 0 = background.
-        probs: (K, H, W) probabilities, as for :func:`instances_from_probabilities`.
-
-    Returns:
-        float32 array of length ``labels.max()``; entry ``i`` belongs to label ``i + 1`` and is NaN
-        where that label has no pixels.
-    """
-    fg = foreground_probability(probs)
-    if fg.shape != labels.shape:
-        raise ValueError(f"labels {labels.shape} and probs {probs.shape} differ in size")
+def instance_means(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The mean of ``values`` over each instance of ``labels`` (same shape): float32, entry
+    ``i`` for label ``i + 1``, NaN where that label has no pixels."""
+    if values.shape != labels.shape:
+        raise ValueError(f"labels {labels.shape} and values {values.shape} differ in size")
     n = int(labels.max(initial=0))
     flat = labels.ravel()
     counts = np.bincount(flat, minlength=n + 1)[1:]
-    sums = np.bincount(flat, weights=fg.ravel(), minlength=n + 1)[1:]
+    sums = np.bincount(flat, weights=values.ravel(), minlength=n + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
         return (sums / counts).astype(np.float32)
 

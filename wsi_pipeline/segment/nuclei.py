@@ -17,8 +17,8 @@ from wsi_pipeline.checkpoint import ModelCard
 from wsi_pipeline.segment.geojson import encode_feature, nucleus_feature
 from wsi_pipeline.segment.instances import (
     foreground_probability,
+    instance_means,
     instances_from_probabilities,
-    mean_class_probability,
 )
 from wsi_pipeline.segment.polygons import polygon_array
 from wsi_pipeline.segment.stitching import Nucleus, owned_instances
@@ -59,6 +59,7 @@ def tile_nuclei(
     simplify: float = 0.0,
     clock: dict[str, float] | None = None,
     subpixel: bool = False,
+    labels: np.ndarray | None = None,
 ) -> tuple[list[Nucleus], int]:
     """The nuclei a tile owns, from its ``(K, T, T)`` probabilities, with level-0 polygons, and
     the number of instances lost for being wider than the overlap (see
@@ -74,20 +75,28 @@ def tile_nuclei(
         clock: if given, ``clock["instances"]`` gets the seconds of instance extraction.
         subpixel: outlines from the nucleus probability at its threshold (sub-pixel where a
             nucleus meets background), not from the labels on the model's pixel grid.
+        labels: the tile's instances, if the predictor found them
+            (:mod:`~wsi_pipeline.segment.tensor_instances`); ``probs`` is then the background
+            channel alone, ``(1, T, T)``.
     """
     start = time.perf_counter()
-    post = card.postprocess.model_dump()
-    labels = instances_from_probabilities(probs, card.target_mode, **post)
+    if labels is None:
+        post = card.postprocess.model_dump()
+        labels = instances_from_probabilities(probs, card.target_mode, **post)
+        nucleus = foreground_probability(probs)
+    else:
+        labels = labels.astype(np.int32, copy=False)
+        nucleus = 1.0 - probs[0]  # as foreground_probability has it for these modes
     keep, oversize = owned_instances(labels, tile, grid)
     if clock is not None:
         clock["instances"] = time.perf_counter() - start
     if not keep:
         return [], oversize
-    mean_prob = mean_class_probability(labels, probs)
+    mean_prob = instance_means(labels, nucleus)
     owned = np.isin(labels, keep)
     field = None
     if subpixel:  # instances this tile does not own are another nucleus, not background: 0
-        field = np.where(owned | (labels == 0), foreground_probability(probs), 0)
+        field = np.where(owned | (labels == 0), nucleus, 0)
     labels = np.where(owned, labels, 0)
     offset = (tile.box.x0 * downsample, tile.box.y0 * downsample)
     first_label = (tile.row * grid.cols + tile.col) * LABELS_PER_TILE

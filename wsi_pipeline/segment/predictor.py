@@ -3,7 +3,9 @@
 It loads a checkpoint once per actor and runs on the GPU when there is one (bf16 autocast,
 ``channels_last``) and on the CPU otherwise, with the same code (:mod:`wsi_pipeline.forward`).
 Probabilities travel as uint8 (:func:`~wsi_pipeline.segment.quantize.quantize`), to keep the
-object store small.
+object store small; with ``tensor_instances`` the predictor finds the instances itself, on its
+device (:mod:`~wsi_pipeline.segment.tensor_instances`), and hands on their labels with the
+background probability only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from wsi_pipeline.checkpoint import load_checkpoint
 from wsi_pipeline.forward import choose_device, forward, probabilities
 from wsi_pipeline.segment.quantize import quantize
+from wsi_pipeline.segment.tensor_instances import quantised, tensor_instances
 
 
 class Predictor:
@@ -29,6 +32,9 @@ class Predictor:
         threads: intra-op threads on a CPU (default: every core this process may use). Ray
             sets one thread per logical CPU an actor asks for; on a CPU host the model is the
             bottleneck and reads and post-processing leave cores idle between its batches.
+        tensor_instances: find each tile's instances here, as tensor operations (the card's
+            target mode must be one of ``TENSOR_MODES``): batches leave with ``labels``
+            (uint16 or int32) and ``probs`` holding the background channel alone.
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class Predictor:
         device: str = "auto",
         tta: bool = False,
         threads: int | None = None,
+        tensor_instances: bool = False,
     ) -> None:
         self.device = choose_device(device)
         if self.device.type == "cpu":
@@ -45,17 +52,32 @@ class Predictor:
         model, self.card = load_checkpoint(checkpoint, device=self.device)
         self.model = model.to(memory_format=torch.channels_last)
         self.tta = tta
+        self.tensor_instances = tensor_instances
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         images = batch.pop("image")
-        batch["probs"] = quantize(self.predict(images))
-        batch["forward_s"] = np.full(len(images), (time.perf_counter() - start) / len(images))
+        instances_s = 0.0
+        with torch.inference_mode():
+            probs = self._predict(images)
+            if self.tensor_instances:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # the forward's seconds are its own
+                instances_start = time.perf_counter()
+                batch["labels"] = self._instances(probs)
+                instances_s = time.perf_counter() - instances_start
+                batch["instances_s"] = _per_tile(instances_s, len(images))
+                probs = probs[:, :1]  # the background: the nucleus probability is 1 - it
+            batch["probs"] = quantize(probs.cpu().numpy())
+        batch["forward_s"] = _per_tile(time.perf_counter() - start - instances_s, len(images))
         return batch
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray) -> np.ndarray:
         """``(B, H, W, 3)`` uint8 → ``(B, K, H, W)`` float32 probabilities."""
+        return self._predict(images).cpu().numpy()
+
+    def _predict(self, images: np.ndarray) -> torch.Tensor:
         # Ray Data may hand over read-only views (its Arrow blocks); torch wants its own memory.
         writable = images.flags.writeable and images.flags.c_contiguous
         x = torch.from_numpy(images if writable else np.array(images)).to(self.device)
@@ -63,9 +85,20 @@ class Predictor:
         if self.tta:  # x is (B, H, W, 3); probabilities are (B, K, H, W)
             probs = probs + self._probabilities(x.flip(2)).flip(-1)
             probs = (probs + self._probabilities(x.flip(1)).flip(-2)) / 3
-        return probs.cpu().numpy()
+        return probs
+
+    def _instances(self, probs: torch.Tensor) -> np.ndarray:
+        """``(B, H, W)`` labels of the probabilities in the steps they travel in, as the
+        post-processing of probabilities would find them."""
+        post = self.card.postprocess.model_dump()
+        labels = tensor_instances(quantised(probs), self.card.target_mode, **post).cpu().numpy()
+        return labels.astype(np.uint16) if labels.max(initial=0) < 2**16 else labels
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         autocast = self.device.type == "cuda"
         logits = forward(self.model, x, self.card.normalization, autocast=autocast)
         return probabilities(logits, self.card.target_mode)
+
+
+def _per_tile(seconds: float, tiles: int) -> np.ndarray:
+    return np.full(tiles, seconds / tiles)
