@@ -3,7 +3,11 @@
 Prints one JSON line. In the same run, on the same slide and tissue tiles:
 
 * ``read_tiles_per_s``: the Ray Data read stage alone (slide → RGB tiles);
-* ``predictor_tiles_per_s``: the predictor alone, in this process, on tiles already in memory;
+* ``predictor_tiles_per_s``: the predictor alone, in this process, on tiles already in memory:
+  the mean of its rate just before the job and just after (both in
+  ``predictor_before_after_tiles_per_s``), as this VM's speed drifts by up to 30 % within an
+  hour; the tiles for the run before are read without Ray Data, so the job still starts its
+  own helpers;
 * ``end_to_end_tiles_per_s``: the whole segment job (read → predict → post-process → GeoJSON);
 * ``ratio_e2e_vs_predictor``: how busy the job keeps the predictor (target ≥ 0.7 on a GPU host),
   and ``ratio_steady_vs_predictor``, the same once the first tile is back (start-up excluded);
@@ -36,6 +40,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +48,12 @@ import numpy as np
 from wsi_pipeline import synthetic
 from wsi_pipeline.checkpoint import ModelCard, read_card, resolve_checkpoint, save_checkpoint
 from wsi_pipeline.config import SegmentConfig
+from wsi_pipeline.forward import choose_device
 from wsi_pipeline.models import create_model
 from wsi_pipeline.segment.job import (
     plan_slide,
     predictor_pool,
+    read_tile,
     resolve_tensor_instances,
     resolve_tta,
     segment_slides,
@@ -58,15 +65,7 @@ from wsi_pipeline.segment.predictor import Predictor
 
 def _tree(root: int) -> dict[int, list[str]]:
     """The /proc/<pid>/stat fields (after the command name) of ``root`` and its descendants."""
-    stats: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stats[int(entry)] = (
-                    Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                )
-            except (OSError, IndexError):
-                continue
+    stats = _stats(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
     family, frontier = {root}, [root]
     while frontier:
         parent = frontier.pop()
@@ -74,6 +73,17 @@ def _tree(root: int) -> dict[int, list[str]]:
         family.update(children)
         frontier.extend(children)
     return {p: stats[p] for p in family if p in stats}
+
+
+def _stats(pids: Iterable[int]) -> dict[int, list[str]]:
+    """The /proc/<pid>/stat fields (after the command name) of those of ``pids`` still alive."""
+    stats: dict[int, list[str]] = {}
+    for pid in pids:
+        try:
+            stats[pid] = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+    return stats
 
 
 def _pss(pid: int) -> int:
@@ -118,7 +128,10 @@ class TreeSampler(threading.Thread):
 
     PSS is read less often because it costs: the kernel walks each process's page tables,
     ~3 ms a process on the dev VM, where a sample of everything every 0.2 s took a sixth of a
-    core from the job it measured.
+    core from the job it measured. For the same reason the tree's members are looked for among
+    all of the machine's processes only then, once a second; the samples between read the
+    members' own counters (a process that starts between counts from zero when it is found; one
+    that lives less than a second may be missed, as one under 0.2 s always could be).
     """
 
     MEMORY_EVERY = 5  # samples: PSS and torch once a second
@@ -130,11 +143,13 @@ class TreeSampler(threading.Thread):
         self.torch_pids: dict[int, str] = {}  # the processes with torch loaded: their titles
         self._first: dict[int, int] = {}
         self._last: dict[int, int] = {}
+        self._members: list[int] = []
         self._done = threading.Event()
         self._sample(initial=True)  # the processes already running count from now
 
     def _sample(self, initial: bool = False, memory: bool = True) -> None:
-        tree = _tree(os.getpid())
+        tree = _tree(os.getpid()) if memory else _stats(self._members)
+        self._members = list(tree)
         self.peak_rss = max(
             self.peak_rss, sum(int(s[21]) for s in tree.values()) * os.sysconf("SC_PAGE_SIZE")
         )
@@ -190,6 +205,18 @@ def per_core_rate(checkpoint: str, images: list[np.ndarray], cores: int) -> floa
         return len(images) / (time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
+
+
+def predictor_rate(
+    checkpoint: str, images: list[np.ndarray], device: str, tta: bool | None, batch: int
+) -> float:
+    """Tiles/s of the job's predictor alone, in this process, on tiles already in memory."""
+    predictor = Predictor(checkpoint, device=device, tta=bool(tta))
+    predictor.predict(np.stack(images[:batch]))  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(images), batch):
+        predictor.predict(np.stack(images[i : i + batch]))
+    return len(images) / (time.perf_counter() - start)
 
 
 def _checkpoint(args: argparse.Namespace, tmp: str) -> str:
@@ -274,6 +301,14 @@ def main() -> None:
             "cpus": os.cpu_count(),
         }
 
+        pool = predictor_pool(config, ray.cluster_resources(), smallest_node_cpus())
+        batch = pool.batch_size
+        if not args.e2e_only:  # the predictor alone, before the job too: this VM's speed drifts
+            plain = plan.for_tasks()  # read without Ray Data, whose actors the job must start
+            images = [read_tile(plain, r["col"], r["row"], card.mpp, None) for r in rows]
+            rate_before = predictor_rate(checkpoint, images, args.device, config.tta, batch)
+            del images
+
         sampler = TreeSampler()
         sampler.start()
         start = time.perf_counter()
@@ -285,9 +320,7 @@ def main() -> None:
         cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         result["cpu_busy_fraction"] = round(cpu / (seconds * cores), 3)
         forward = profile["profile"]["forward_s"]
-        pool = predictor_pool(config, ray.cluster_resources(), smallest_node_cpus())
         result["gpu_busy_fraction"] = round(forward / seconds, 3) if pool.use_gpu else None
-        batch = pool.batch_size
         result["batch_size"] = batch
         result["predictors"] = pool.size
         result["calls_per_predictor"] = pool.calls
@@ -311,27 +344,28 @@ def main() -> None:
             images = [r["image"] for r in tiles.select_columns(["image"]).iter_rows()]
             result["read_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
 
-            predictor = Predictor(checkpoint, device=args.device, tta=bool(config.tta))
-            predictor.predict(np.stack(images[:batch]))  # warm-up
-            start = time.perf_counter()
-            for i in range(0, len(images), batch):
-                predictor.predict(np.stack(images[i : i + batch]))
-            result["predictor_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
-            result["device"] = str(predictor.device)
-            del predictor
+            rate_after = predictor_rate(checkpoint, images, args.device, config.tta, batch)
+            # The mean of the rates before and after the job: what the predictor alone would
+            # have done while the job ran, on a VM whose speed drifts within minutes.
+            result["predictor_tiles_per_s"] = round((rate_before + rate_after) / 2, 2)
+            result["predictor_before_after_tiles_per_s"] = [
+                round(rate_before, 2),
+                round(rate_after, 2),
+            ]
+            result["device"] = str(choose_device(args.device))
             if not pool.use_gpu:
                 result["predictor_per_core_tiles_per_s"] = round(
                     per_core_rate(checkpoint, images, cores), 2
                 )
             del images
 
-            predictor_rate = float(result["predictor_tiles_per_s"])
+            alone_rate = float(result["predictor_tiles_per_s"])
             result["ratio_e2e_vs_predictor"] = round(
-                float(result["end_to_end_tiles_per_s"]) / predictor_rate, 3
+                float(result["end_to_end_tiles_per_s"]) / alone_rate, 3
             )
             # After start-up: the tiles that came back after the first, over the time they took.
             steady = (outcome.tiles - 1) / (seconds - profile["profile"]["first_tile_s"])
-            result["ratio_steady_vs_predictor"] = round(steady / predictor_rate, 3)
+            result["ratio_steady_vs_predictor"] = round(steady / alone_rate, 3)
             if "predictor_per_core_tiles_per_s" in result:
                 result["ratio_e2e_vs_per_core"] = round(
                     float(result["end_to_end_tiles_per_s"])
