@@ -79,16 +79,16 @@ def main() -> None:
     expected = [instances_from_probabilities(p, card.target_mode, **post) for p in probs]
     scipy_s = time.perf_counter() - start
 
-    size = args.batch_size
-    batches = [torch.from_numpy(probs[i : i + size]) for i in range(0, len(probs), size)]
-    tensor_instances(batches[0].to(device), card.target_mode, **post)  # warm-up
+    size = args.batch_size  # on the device already, as the predictor's probabilities are
+    batches = [torch.from_numpy(probs[i : i + size]).to(device) for i in range(0, len(probs), size)]
+    tensor_instances(batches[0], card.target_mode, **post)  # warm-up
     found = []
     start = time.perf_counter()
     for batch in batches:
-        found.extend(tensor_instances(batch.to(device), card.target_mode, **post).cpu().numpy())
+        found.extend(tensor_instances(batch, card.target_mode, **post).cpu().numpy())
     tensor_s = time.perf_counter() - start
 
-    pairs = list(zip(expected, [b.astype(np.int32) for b in found], strict=True))
+    pairs = list(zip(expected, found, strict=True))
     agreement = [score_image(a, b)["aji"] for a, b in pairs]
     counts = [abs(int(a.max()) - int(b.max())) for a, b in pairs]
     result = {

@@ -43,6 +43,7 @@ from wsi_pipeline.checkpoint import (
 )
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.forward import choose_device
+from wsi_pipeline.segment.job import resolve_tensor_instances
 from wsi_pipeline.slide_scoring import build_mosaic, load_sources, score_cells, segment_labels
 from wsi_pipeline.slides.slide import open_slide
 from wsi_pipeline.slides.tiling import Box
@@ -102,6 +103,10 @@ def measure(
         device=device,
         tensor_instances=tensor_instances,
     )
+    import ray
+
+    resources = ray.cluster_resources()  # as the job decides it
+    config = resolve_tensor_instances(config, resources, read_card(checkpoint))
     # One tile covering the slide at the model's mpp, rounded up to a multiple of 64 px.
     one_tile = -(-round(side * mpp / read_card(checkpoint).mpp) // 64) * 64
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +137,7 @@ def measure(
         "cells": sum(1 for _ in mosaic.tissue_cells()),
         "tile": tile,
         "overlap": overlap,
-        "tensor_instances": tensor_instances,
+        "tensor_instances": config.tensor_instances,
         **scores,
         "seam_ratio_aji": round(whole / one, 4),
         "seam_ratio_dice": round(scores["whole_slide"]["dice"] / scores["one_tile"]["dice"], 4),

@@ -6,8 +6,9 @@ Prints one JSON line. In the same run, on the same slide and tissue tiles:
 * ``predictor_tiles_per_s``: the predictor alone, in this process, on tiles already in memory:
   the mean of its rate just before the job and just after (both in
   ``predictor_before_after_tiles_per_s``), as this VM's speed drifts by up to 30 % within an
-  hour; the tiles for the run before are read without Ray Data, so the job still starts its
-  own helpers;
+  hour; on the same tiles each time, all of a small slide's or 16 batches of a large one's;
+  the run before reads them in a process of its own, without Ray Data, so the job still
+  starts its own helpers and this process holds no model while it runs;
 * ``end_to_end_tiles_per_s``: the whole segment job (read → predict → post-process → GeoJSON);
 * ``ratio_e2e_vs_predictor``: how busy the job keeps the predictor (target ≥ 0.7 on a GPU host),
   and ``ratio_steady_vs_predictor``, the same once the first tile is back (start-up excluded);
@@ -19,8 +20,8 @@ Prints one JSON line. In the same run, on the same slide and tissue tiles:
 * ``profile_s``: where the job's seconds went (the slide's ``<slide>.json`` profile: planning,
   reads, forward, instance extraction, polygons, the driver's seams and writing, summed over
   tiles; and ``first_tile_s``, the start-up), ``cpu_busy_fraction`` (CPU seconds of the whole
-  process tree, sampled every 0.2 s, / wall / cores) and ``gpu_busy_fraction`` (forward seconds
-  / wall, on a GPU).
+  process tree, sampled every 0.2 s, / wall / cores) and ``gpu_busy_fraction`` (forward seconds,
+  with the predictor's instance seconds, / wall, on a GPU).
 
 By default the shipped model runs; ``--random-model NAME`` times any architecture with random
 weights (its speed does not depend on them; the nuclei it finds then mean nothing). Example
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import resource
@@ -41,6 +43,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,7 @@ from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.forward import choose_device
 from wsi_pipeline.models import create_model
 from wsi_pipeline.segment.job import (
+    SlidePlan,
     plan_slide,
     predictor_pool,
     read_tile,
@@ -219,6 +223,27 @@ def predictor_rate(
     return len(images) / (time.perf_counter() - start)
 
 
+def sample_size(tiles: int, batch: int) -> int:
+    """How many tiles the predictor alone is timed on: a small slide's all, a large one's first
+    16 batches (at least 80 tiles)."""
+    return min(tiles, max(80, 16 * batch))
+
+
+def rate_of_plan(
+    checkpoint: str,
+    plan: SlidePlan,
+    rows: list[dict],
+    mpp: float,
+    mpp_override: float | None,
+    device: str,
+    tta: bool | None,
+    batch: int,
+) -> float:
+    """:func:`predictor_rate` on ``rows``' tiles, read here without Ray Data."""
+    images = [read_tile(plan, r["col"], r["row"], mpp, mpp_override) for r in rows]
+    return predictor_rate(checkpoint, images, device, tta, batch)
+
+
 def _checkpoint(args: argparse.Namespace, tmp: str) -> str:
     if not args.random_model:
         return str(resolve_checkpoint(args.checkpoint))
@@ -303,11 +328,24 @@ def main() -> None:
 
         pool = predictor_pool(config, ray.cluster_resources(), smallest_node_cpus())
         batch = pool.batch_size
+        sample = sample_size(len(rows), batch)
         if not args.e2e_only:  # the predictor alone, before the job too: this VM's speed drifts
-            plain = plan.for_tasks()  # read without Ray Data, whose actors the job must start
-            images = [read_tile(plain, r["col"], r["row"], card.mpp, None) for r in rows]
-            rate_before = predictor_rate(checkpoint, images, args.device, config.tta, batch)
-            del images
+            # In a process of its own, so that this one holds no model, tiles or CUDA context
+            # while the job runs; without Ray Data, whose helper actors the job must start.
+            spawn = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(1, mp_context=spawn) as executor:
+                before = executor.submit(
+                    rate_of_plan,
+                    checkpoint,
+                    plan.for_tasks(),
+                    rows[:sample],
+                    card.mpp,
+                    config.mpp_override,
+                    args.device,
+                    config.tta,
+                    batch,
+                )
+                rate_before = before.result()
 
         sampler = TreeSampler()
         sampler.start()
@@ -319,7 +357,8 @@ def main() -> None:
         result["profile_s"] = profile["profile"]
         cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         result["cpu_busy_fraction"] = round(cpu / (seconds * cores), 3)
-        forward = profile["profile"]["forward_s"]
+        # The GPU's share: the model, and the instances where the predictor finds them.
+        forward = profile["profile"]["forward_s"] + profile["profile"]["predictor_instances_s"]
         result["gpu_busy_fraction"] = round(forward / seconds, 3) if pool.use_gpu else None
         result["batch_size"] = batch
         result["predictors"] = pool.size
@@ -344,7 +383,7 @@ def main() -> None:
             images = [r["image"] for r in tiles.select_columns(["image"]).iter_rows()]
             result["read_tiles_per_s"] = round(len(images) / (time.perf_counter() - start), 2)
 
-            rate_after = predictor_rate(checkpoint, images, args.device, config.tta, batch)
+            rate_after = predictor_rate(checkpoint, images[:sample], args.device, config.tta, batch)
             # The mean of the rates before and after the job: what the predictor alone would
             # have done while the job ran, on a VM whose speed drifts within minutes.
             result["predictor_tiles_per_s"] = round((rate_before + rate_after) / 2, 2)

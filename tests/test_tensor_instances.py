@@ -17,10 +17,17 @@ from PIL import Image
 from scipy import ndimage as ndi
 from shapely.geometry import shape
 
-from wsi_pipeline.checkpoint import read_card, resolve_checkpoint
+from wsi_pipeline.checkpoint import (
+    DEFAULT_MODEL,
+    ModelCard,
+    read_card,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from wsi_pipeline.cli.main import main
 from wsi_pipeline.config import ConfigError, SegmentConfig
 from wsi_pipeline.metrics import score_image
+from wsi_pipeline.models import create_model
 from wsi_pipeline.segment import tensor_instances as tensor_module
 from wsi_pipeline.segment.instances import _fill_enclosed_holes, instances_from_probabilities
 from wsi_pipeline.segment.job import resolve_tensor_instances
@@ -28,7 +35,7 @@ from wsi_pipeline.segment.predictor import Predictor
 from wsi_pipeline.segment.quantize import dequantize, quantize
 from wsi_pipeline.segment.tensor_instances import (
     connected_components,
-    quantised,
+    rounded_to_levels,
     taxicab_distance,
     tensor_instances,
 )
@@ -152,6 +159,42 @@ def test_tensor_instances_are_on_where_a_gpu_runs_a_model_they_support() -> None
         resolve_tensor_instances(config, gpu, binary)
 
 
+def test_a_predictor_whose_tensor_instances_fail_hands_on_probabilities(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of GPU memory, say: the actor warns once and post-processing finds the instances."""
+    from wsi_pipeline.segment import predictor as predictor_module
+
+    calls = []
+
+    def fails(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(predictor_module, "tensor_instances", fails)
+    predictor = Predictor(DEFAULT_MODEL, device="cpu", tensor_instances=True)
+    tiles = np.full((2, 64, 64, 3), 200, dtype=np.uint8)
+    for _ in range(2):
+        batch = predictor({"image": tiles.copy()})
+        assert "labels" not in batch and batch["probs"].shape == (2, 4, 64, 64)
+    assert len(calls) == 1 and "post-processing finds them" in caplog.text
+
+
+def test_labels_travel_in_the_smallest_dtype_the_tile_allows() -> None:
+    predictor = Predictor(DEFAULT_MODEL, device="cpu", tensor_instances=True)
+    batch = predictor({"image": np.full((1, 64, 64, 3), 200, dtype=np.uint8)})
+    assert batch["labels"].dtype == np.uint16 and batch["probs"].shape == (1, 1, 64, 64)
+
+
+def test_a_predictor_refuses_tensor_instances_for_a_binary_model(tmp_path: Path) -> None:
+    model = create_model("unet", num_classes=2, base_channels=4)
+    card = ModelCard(architecture="unet", kwargs={"base_channels": 4}, num_classes=2, mpp=0.5)
+    card = card.model_copy(update={"target_mode": "binary"})
+    checkpoint = save_checkpoint(tmp_path / "binary", model, card)
+    with pytest.raises(ValueError, match="no tensor path for 'binary'"):
+        Predictor(str(checkpoint), device="cpu", tensor_instances=True)
+
+
 @pytest.mark.shared_data
 def test_the_shipped_model_finds_the_same_nuclei_both_ways_on_real_tiles() -> None:
     """MoNuSeg tiles at the model's 0.5 µm/px, the predictor as the job runs it."""
@@ -162,7 +205,7 @@ def test_the_shipped_model_finds_the_same_nuclei_both_ways_on_real_tiles() -> No
             for p in images
         ]
     )
-    predictor = Predictor("nuclei-unet16-v6", device="cpu", tensor_instances=True)
+    predictor = Predictor(DEFAULT_MODEL, device="cpu", tensor_instances=True)
     probs = predictor.predict(tiles)
     batch = predictor({"image": tiles.copy()})
     post = predictor.card.postprocess.model_dump()
@@ -175,8 +218,8 @@ def test_the_shipped_model_finds_the_same_nuclei_both_ways_on_real_tiles() -> No
         assert (labels != expected).mean() < 0.001
         assert score_image(expected, labels.astype(np.int32))["aji"] > 0.995
         np.testing.assert_array_equal(background[0], quantize(tile_probs[:1])[0])
-    assert batch["instances_s"].shape == batch["forward_s"].shape == (3,)
-    assert np.allclose(quantised(torch.tensor([0.5 / 255, 0.2])).numpy() * 255, [0, 51])
+    assert batch["predictor_instances_s"].shape == batch["forward_s"].shape == (3,)
+    assert np.allclose(rounded_to_levels(torch.tensor([0.5 / 255, 0.2])).numpy() * 255, [0, 51])
 
 
 @pytest.mark.shared_data

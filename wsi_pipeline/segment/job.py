@@ -89,13 +89,15 @@ GPU_PREDICTOR_CPUS, CPU_PREDICTOR_CPUS = 1.0, 0.75
 CPU_CALLS_PER_ACTOR = 2
 LABEL_SHARD_TILES = 4
 GPU_BATCH_SIZE, CPU_BATCH_SIZE = 8, 1
-# Where a slide's seconds go: planning (tissue), reads, the model, instance extraction, polygons
-# and GeoJSON text (tasks, summed over tiles), seams and writing (the driver), and how long after
-# the job's start its first tile came back.
+# Where a slide's seconds go: planning (tissue), reads, the model, instance extraction (by the
+# predictor with tensor_instances, else by post-processing), polygons and GeoJSON text (summed
+# over tiles), seams and writing (the driver), and how long after the job's start its first
+# tile came back.
 PROFILE = (
     "plan_s",
     "read_s",
     "forward_s",
+    "predictor_instances_s",
     "instances_s",
     "polygons_s",
     "driver_s",
@@ -309,10 +311,9 @@ def postprocess_tile(
     start = time.perf_counter()
     probs = row.pop("probs")
     labels = row.pop("labels", None)  # found by the predictor, if it does (tensor_instances)
-    found_s = row.pop("instances_s", 0.0)
     tissue = row.pop("tissue", b"")
     row["features"], row["count"], row["seam"], row["oversize"] = "", 0, pack_nuclei([]), 0
-    row["instances_s"], row["polygons_s"] = found_s, 0.0
+    row["instances_s"], row["polygons_s"] = 0.0, 0.0
     if row["error"]:
         return row
     plan = plans[row["slide"]]
@@ -342,8 +343,8 @@ def postprocess_tile(
     row["features"] = ",\n".join(nucleus_json(n) for n in final)
     row["count"] = len(final)
     row["seam"] = pack_nuclei([n for n, seam in zip(nuclei, on_seam, strict=True) if seam])
-    row["instances_s"] = found_s + clock.get("instances", 0.0)
-    row["polygons_s"] = time.perf_counter() - start - clock.get("instances", 0.0)
+    row["instances_s"] = clock.get("instances", 0.0)
+    row["polygons_s"] = time.perf_counter() - start - row["instances_s"]
     return row
 
 
@@ -408,7 +409,7 @@ class SlideOutputs:
         self.oversize += row["oversize"]
         self.writer.write_raw(row["features"], row["count"])
         self._write(self.resolver.add((row["col"], row["row"]), unpack_nuclei(row["seam"])))
-        for key in ("read_s", "forward_s", "instances_s", "polygons_s"):
+        for key in ("read_s", "forward_s", "predictor_instances_s", "instances_s", "polygons_s"):
             self.profile[key] += row.get(key, 0.0)  # a stand-in predictor may not time itself
         self.profile["driver_s"] += time.perf_counter() - start
 

@@ -10,6 +10,7 @@ background probability only.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -18,8 +19,10 @@ import torch
 
 from wsi_pipeline.checkpoint import load_checkpoint
 from wsi_pipeline.forward import choose_device, forward, probabilities
-from wsi_pipeline.segment.quantize import quantize
-from wsi_pipeline.segment.tensor_instances import quantised, tensor_instances
+from wsi_pipeline.segment.quantize import TENSOR_MODES, quantize
+from wsi_pipeline.segment.tensor_instances import rounded_to_levels, tensor_instances
+
+logger = logging.getLogger(__name__)
 
 
 class Predictor:
@@ -33,8 +36,10 @@ class Predictor:
             sets one thread per logical CPU an actor asks for; on a CPU host the model is the
             bottleneck and reads and post-processing leave cores idle between its batches.
         tensor_instances: find each tile's instances here, as tensor operations (the card's
-            target mode must be one of ``TENSOR_MODES``): batches leave with ``labels``
-            (uint16 or int32) and ``probs`` holding the background channel alone.
+            target mode must be one of ``TENSOR_MODES``): batches leave with ``labels`` and
+            ``probs`` holding the background channel alone. Should that fail (memory, say),
+            this actor warns once and hands on probabilities instead, for post-processing to
+            find the instances: the job goes on.
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class Predictor:
         model, self.card = load_checkpoint(checkpoint, device=self.device)
         self.model = model.to(memory_format=torch.channels_last)
         self.tta = tta
+        if tensor_instances and self.card.target_mode not in TENSOR_MODES:
+            raise ValueError(f"tensor_instances: no tensor path for {self.card.target_mode!r}")
         self.tensor_instances = tensor_instances
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,10 +71,12 @@ class Predictor:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # the forward's seconds are its own
                 instances_start = time.perf_counter()
-                batch["labels"] = self._instances(probs)
+                labels = self._instances(probs)
                 instances_s = time.perf_counter() - instances_start
-                batch["instances_s"] = _per_tile(instances_s, len(images))
-                probs = probs[:, :1]  # the background: the nucleus probability is 1 - it
+                if labels is not None:
+                    batch["labels"] = labels
+                    batch["predictor_instances_s"] = _per_tile(instances_s, len(images))
+                    probs = probs[:, :1]  # the background: the nucleus probability is 1 - it
             batch["probs"] = quantize(probs.cpu().numpy())
         batch["forward_s"] = _per_tile(time.perf_counter() - start - instances_s, len(images))
         return batch
@@ -87,12 +96,19 @@ class Predictor:
             probs = (probs + self._probabilities(x.flip(1)).flip(-2)) / 3
         return probs
 
-    def _instances(self, probs: torch.Tensor) -> np.ndarray:
+    def _instances(self, probs: torch.Tensor) -> np.ndarray | None:
         """``(B, H, W)`` labels of the probabilities in the steps they travel in, as the
-        post-processing of probabilities would find them."""
+        post-processing of probabilities would find them; None (from now on) if that fails."""
         post = self.card.postprocess.model_dump()
-        labels = tensor_instances(quantised(probs), self.card.target_mode, **post).cpu().numpy()
-        return labels.astype(np.uint16) if labels.max(initial=0) < 2**16 else labels
+        try:
+            labels = tensor_instances(rounded_to_levels(probs), self.card.target_mode, **post)
+        except Exception as exc:  # e.g. out of GPU memory: post-processing can do it instead
+            logger.warning("tensor instances failed, post-processing finds them: %s", exc)
+            self.tensor_instances = False
+            return None
+        # Every instance has min_size pixels or more: the dtype follows from the tile's area.
+        most = probs.shape[2] * probs.shape[3] // max(self.card.postprocess.min_size, 1)
+        return labels.cpu().numpy().astype(np.uint16 if most < 2**16 else np.int32)
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         autocast = self.device.type == "cuda"
@@ -101,4 +117,5 @@ class Predictor:
 
 
 def _per_tile(seconds: float, tiles: int) -> np.ndarray:
+    """A batch's seconds, shared equally by its tiles (a column of the batch)."""
     return np.full(tiles, seconds / tiles)

@@ -31,7 +31,7 @@ from wsi_pipeline.segment.quantize import LEVELS, TENSOR_MODES
 
 _TIE_BREAK = 1e-3  # elevation per taxicab px from the markers, as the scipy path has it
 _LOWEST = -round(1 / _TIE_BREAK) * LEVELS  # the lowest elevation's numerator (on a marker)
-_STEP_BITS = 24  # a flood path's steps fit in 24 bits: tiles up to 4096² px
+_STEP_BITS = 24  # a flood path's steps fit in 24 bits: tiles up to 4096² px (MAX_TILE)
 _CHECK_EVERY = 4  # flood iterations between convergence checks (each check synchronises)
 # A pixel's neighbours above, below, left and right, as slices of the tile padded by one.
 _NEIGHBOURS = (
@@ -53,20 +53,24 @@ def tensor_instances(
     marker_min_size: int = 4,
     fill_holes: bool = True,
     distance_threshold: float = 0.5,
-    **_: object,
+    split_touching: bool = True,
+    peak_min_distance: int = 5,
 ) -> torch.Tensor:
     """``(B, K, H, W)`` probabilities (quantised to :data:`LEVELS`, as the scipy path sees them)
     → ``(B, H, W)`` int32 instance labels, 0 = background, 1..N per tile.
 
-    The keyword arguments are a card's ``postprocess`` fields; those of the ``"binary"`` mode
-    are accepted and ignored.
+    The keyword arguments are a card's ``postprocess`` fields; ``split_touching`` and
+    ``peak_min_distance`` belong to the ``"binary"`` mode and are ignored.
     """
+    del split_touching, peak_min_distance  # the binary mode's
     if mode not in TENSOR_MODES:
         raise ValueError(f"tensor instances support modes '3class' and 'distance', not {mode!r}")
     channels = {"3class": 3, "distance": 4}[mode]
     if probs.ndim != 4 or probs.shape[1] != channels:
         shape = tuple(probs.shape)
         raise ValueError(f"mode {mode!r} needs (B, {channels}, H, W) probabilities, got {shape}")
+    if probs.shape[2] * probs.shape[3] > 1 << _STEP_BITS:
+        raise ValueError(f"tiles of over {1 << _STEP_BITS} px have no tensor path: {shape}")
     interior = probs[:, 1] if mode == "3class" else probs[:, 3]
     threshold = interior_threshold if mode == "3class" else distance_threshold
     foreground = (1.0 - probs[:, 0]) > foreground_threshold
@@ -96,7 +100,8 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
 
     Hooking and pointer jumping: every pixel points at the smallest pointer among its
     neighbours', the roots adopt it, and pointers are followed to their roots, until no pointer
-    changes; a few passes even for a component that spans the tile.
+    changes (pointers only decrease, so it ends). Pointer jumping halves the paths each time:
+    a few passes sufficed for every tile measured, even for a component that spans the tile.
     """
     n = mask.numel()
     parent = torch.arange(n, device=mask.device)
@@ -115,6 +120,7 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _jump_to_roots(parent: torch.Tensor) -> torch.Tensor:
+    """Each pointer replaced by its root's (pointers lead down to a pixel pointing at itself)."""
     while True:
         grand = parent[parent]
         if torch.equal(grand, parent):
@@ -122,14 +128,15 @@ def _jump_to_roots(parent: torch.Tensor) -> torch.Tensor:
         parent = grand
 
 
-def _neighbour_min(values: torch.Tensor, fill: float) -> torch.Tensor:
+def _neighbour_min(values: torch.Tensor, fill: int) -> torch.Tensor:
     """The smallest of each pixel's four neighbours (``fill`` beyond the tile's edge)."""
     padded = _padded(values, fill)
     return reduce(torch.minimum, (padded[:, rows, cols] for rows, cols in _NEIGHBOURS))
 
 
-def _padded(values: torch.Tensor, fill: float) -> torch.Tensor:
-    """``(B, H, W)`` → ``(B, H + 2, W + 2)`` with a border of ``fill``."""
+def _padded(values: torch.Tensor, fill: int) -> torch.Tensor:
+    """``(B, H, W)`` → ``(B, H + 2, W + 2)`` with a border of ``fill`` (passed as a float: exact
+    for the integers used here: 0, a batch's pixel count, 2**62)."""
     return F.pad(values.unsqueeze(1), (1, 1, 1, 1), value=fill).squeeze(1)
 
 
@@ -172,7 +179,7 @@ def _flood(interior: torch.Tensor, markers: torch.Tensor, foreground: torch.Tens
     free = foreground & (markers == 0)
     key = torch.where(markers > 0, elevation, unreached)
     labels = markers
-    for iteration in range(1, markers[0].numel() + 1):
+    for iteration in range(1, markers.shape[1] * markers.shape[2] + 1):
         lowest, label = _lowest_neighbour(key, labels, unreached)
         reached = free & (lowest != unreached)
         # The pixel's own level if higher than its upstream neighbour's; one step further.
@@ -230,8 +237,7 @@ def _fill_enclosed_holes(labels: torch.Tensor) -> torch.Tensor:
     high = torch.zeros(size, dtype=flat.dtype, device=flat.device)
     low.scatter_reduce_(0, rim[beside], flat[beside], reduce="amin")
     high.scatter_reduce_(0, rim[beside], flat[beside], reduce="amax")
-    fill = torch.where(low == high, high, 0)
-    fill[0] = 0
+    fill = torch.where(low == high, high, 0)  # 0 for index 0: no rim pixel names it
     return torch.where(holes > 0, fill[holes], labels)
 
 
@@ -242,7 +248,7 @@ def _remove_small_and_relabel(labels: torch.Tensor, min_size: int) -> torch.Tens
     kept = torch.nonzero((counts >= max(min_size, 1)) & (values > 0)).squeeze(1)
     # A label is a flat index into the batch (+1, and + numel for unmarked components).
     pixel = (values[kept] - 1) % labels.numel()
-    tiles = torch.div(pixel, labels[0].numel(), rounding_mode="floor")
+    tiles = torch.div(pixel, labels.shape[1] * labels.shape[2], rounding_mode="floor")
     order = torch.argsort(tiles, stable=True)
     by_tile = tiles[order]
     first_of_tile = torch.searchsorted(by_tile, by_tile)
@@ -252,6 +258,6 @@ def _remove_small_and_relabel(labels: torch.Tensor, min_size: int) -> torch.Tens
     return lut[inverse]
 
 
-def quantised(probs: torch.Tensor) -> torch.Tensor:
+def rounded_to_levels(probs: torch.Tensor) -> torch.Tensor:
     """Probabilities rounded to the :data:`LEVELS` steps the scipy path receives them in."""
     return torch.round(probs * LEVELS).clamp_(0, LEVELS) / LEVELS
