@@ -141,6 +141,9 @@ def test_modes_without_a_tensor_path_are_refused() -> None:
         tensor_instances(torch.zeros(1, 1, 8, 8), "binary")
     with pytest.raises(ValueError, match=r"needs \(B, 4, H, W\)"):
         tensor_instances(torch.zeros(1, 3, 8, 8), "distance")
+    too_large = torch.empty(1, 4, 4097, 4097, device="meta")  # refused before any compute
+    with pytest.raises(ValueError, match="tiles of over 16777216 px have no tensor path"):
+        tensor_instances(too_large, "distance")
 
 
 def test_tensor_instances_are_on_where_a_gpu_runs_a_model_they_support() -> None:

@@ -13,10 +13,11 @@ compact labels instead of probabilities; the same code runs on a CPU:
 - holes enclosed by a single instance are filled, instances under ``min_size`` pixels dropped,
   and the rest numbered 1..N in the order scipy's labelling gives them.
 
-Connected components use hooking and pointer jumping (a few passes, whatever the components'
-size). Where two floods reach a pixel at exactly the same level the watershed's queue order is
-not reproduced (a fixed neighbour order decides), so touching nuclei may trade a boundary pixel;
-``tests/test_tensor_instances.py`` measures how close the two paths are on real tiles.
+Connected components use hooking and pointer jumping (a few passes on every tile measured,
+even for a component that spans the tile). Where two floods reach a pixel at exactly the same
+level the watershed's queue order is not reproduced (a fixed neighbour order decides), so
+touching nuclei may trade a boundary pixel; ``tests/test_tensor_instances.py`` measures how
+close the two paths are on real tiles.
 Only the ``"3class"`` and ``"distance"`` target modes are supported (``TENSOR_MODES``).
 """
 
@@ -66,8 +67,8 @@ def tensor_instances(
     if mode not in TENSOR_MODES:
         raise ValueError(f"tensor instances support modes '3class' and 'distance', not {mode!r}")
     channels = {"3class": 3, "distance": 4}[mode]
+    shape = tuple(probs.shape)
     if probs.ndim != 4 or probs.shape[1] != channels:
-        shape = tuple(probs.shape)
         raise ValueError(f"mode {mode!r} needs (B, {channels}, H, W) probabilities, got {shape}")
     if probs.shape[2] * probs.shape[3] > 1 << _STEP_BITS:
         raise ValueError(f"tiles of over {1 << _STEP_BITS} px have no tensor path: {shape}")
