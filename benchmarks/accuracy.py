@@ -28,7 +28,7 @@ import time
 
 from wsi_pipeline.checkpoint import read_card, resolve_checkpoint
 from wsi_pipeline.config import SegmentConfig
-from wsi_pipeline.segment.job import resolve_tensor_instances, resolve_tta
+from wsi_pipeline.segment.job import resolve_for_hardware
 from wsi_pipeline.slide_scoring import load_sources, oracle_ceiling, whole_slide_scores
 from wsi_pipeline.train.evaluation import SCORES, evaluate_checkpoint
 
@@ -60,8 +60,7 @@ def measure(
         tta=tta,
         tensor_instances=tensor_instances,
     )
-    resources = ray.cluster_resources()  # None: as the job decides it
-    config = resolve_tensor_instances(resolve_tta(config, resources), resources, card)
+    config = resolve_for_hardware(config, ray.cluster_resources(), card)  # unset: as the job
     result: dict = {
         "benchmark": "accuracy",
         "checkpoint": checkpoint,

@@ -43,7 +43,7 @@ from wsi_pipeline.checkpoint import (
 )
 from wsi_pipeline.config import SegmentConfig
 from wsi_pipeline.forward import choose_device
-from wsi_pipeline.segment.job import resolve_tensor_instances
+from wsi_pipeline.segment.job import resolve_for_hardware
 from wsi_pipeline.slide_scoring import build_mosaic, load_sources, score_cells, segment_labels
 from wsi_pipeline.slides.slide import open_slide
 from wsi_pipeline.slides.tiling import Box
@@ -105,8 +105,7 @@ def measure(
     )
     import ray
 
-    resources = ray.cluster_resources()  # as the job decides it
-    config = resolve_tensor_instances(config, resources, read_card(checkpoint))
+    config = resolve_for_hardware(config, ray.cluster_resources(), read_card(checkpoint))
     # One tile covering the slide at the model's mpp, rounded up to a multiple of 64 px.
     one_tile = -(-round(side * mpp / read_card(checkpoint).mpp) // 64) * 64
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,8 +58,7 @@ from wsi_pipeline.segment.job import (
     plan_slide,
     predictor_pool,
     read_tile,
-    resolve_tensor_instances,
-    resolve_tta,
+    resolve_for_hardware,
     segment_slides,
     smallest_node_cpus,
     tile_images,
@@ -313,8 +312,8 @@ def main() -> None:
             tensor_instances=args.tensor_instances,
         )
         card = read_card(checkpoint)
-        resources = ray.cluster_resources()  # TTA and tensor instances as the job decides them
-        config = resolve_tensor_instances(resolve_tta(config, resources), resources, card)
+        resources = ray.cluster_resources()
+        config = resolve_for_hardware(config, resources, card)  # TTA, tensor instances
         plan = plan_slide(slide, card, config)
         rows = plan.rows(slide)
         result: dict[str, object] = {
@@ -326,7 +325,7 @@ def main() -> None:
             "cpus": os.cpu_count(),
         }
 
-        pool = predictor_pool(config, ray.cluster_resources(), smallest_node_cpus())
+        pool = predictor_pool(config, resources, smallest_node_cpus())
         batch = pool.batch_size
         sample = sample_size(len(rows), batch)
         if not args.e2e_only:  # the predictor alone, before the job too: this VM's speed drifts

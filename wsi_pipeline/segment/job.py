@@ -579,7 +579,7 @@ def segment_slides(
     config = prepare_config(config)
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     card = read_card(config.checkpoint)
-    config = resolve_tensor_instances(resolve_tta(config, resources), resources, card)
+    config = resolve_for_hardware(config, resources, card)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_config(config, storage.join(out_dir, "segment-config.yaml"))
     storage.remove_stale_temporaries(out_dir)  # from a driver that was killed
@@ -801,6 +801,14 @@ def smallest_node_cpus() -> float | None:
 
     cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     return min((c for c in cpus if c > 0), default=None)
+
+
+def resolve_for_hardware(
+    config: SegmentConfig, resources: dict[str, float], card: ModelCard
+) -> SegmentConfig:
+    """``config`` with what depends on where the model runs decided, as the job decides it:
+    test-time augmentation and tensor instances."""
+    return resolve_tensor_instances(resolve_tta(config, resources), resources, card)
 
 
 def resolve_tta(config: SegmentConfig, resources: dict[str, float]) -> SegmentConfig:
