@@ -7,9 +7,11 @@ Prints one JSON line. In the same run, on the same slide and tissue tiles:
   the mean of its rate just before the job and just after (both in
   ``predictor_before_after_tiles_per_s``), as this VM's speed drifts by up to 30 % within an
   hour; on the same tiles each time, all of a small slide's or 16 batches of a large one's;
-  the run before reads them in a process of its own, without Ray Data, so the job still
-  starts its own helpers and this process holds no model while it runs;
-* ``end_to_end_tiles_per_s``: the whole segment job (read → predict → post-process → GeoJSON);
+  the run before reads them in a process of its own, without Ray Data, so this process
+  holds no model while the job runs;
+* ``end_to_end_tiles_per_s``: the whole segment job (read → predict → post-process → GeoJSON),
+  on a Ray that is up with Ray Data's helper actors, as a cluster's is between jobs (they are
+  detached) and as a command's is soon after its Ray starts (``segment/warm_start.py``);
 * ``ratio_e2e_vs_predictor``: how busy the job keeps the predictor (target ≥ 0.7 on a GPU host),
   and ``ratio_steady_vs_predictor``, the same once the first tile is back (start-up excluded);
 * on a CPU, ``predictor_per_core_tiles_per_s``: one single-threaded model per core side by side
@@ -64,6 +66,7 @@ from wsi_pipeline.segment.job import (
     tile_images,
 )
 from wsi_pipeline.segment.predictor import Predictor
+from wsi_pipeline.segment.warm_start import start_ray_data_helpers
 
 
 def _tree(root: int) -> dict[int, list[str]]:
@@ -291,6 +294,9 @@ def main() -> None:
     import ray
 
     ray.init(logging_level="ERROR", include_dashboard=False, num_cpus=args.num_cpus)
+    # Up before the job, as on a cluster where they outlive each job (the command asks for
+    # them as soon as its Ray is up, too): the job's start-up is then its own.
+    start_ray_data_helpers(wait=True)
     with tempfile.TemporaryDirectory() as tmp:
         slide = args.slide or str(Path(tmp) / "bench.tiff")
         if not args.slide:
@@ -330,7 +336,7 @@ def main() -> None:
         sample = sample_size(len(rows), batch)
         if not args.e2e_only:  # the predictor alone, before the job too: this VM's speed drifts
             # In a process of its own, so that this one holds no model, tiles or CUDA context
-            # while the job runs; without Ray Data, whose helper actors the job must start.
+            # while the job runs; its tiles read without Ray Data.
             spawn = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(1, mp_context=spawn) as executor:
                 before = executor.submit(

@@ -39,3 +39,31 @@ def test_a_helper_that_fails_never_fails_the_job(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     assert start_ray_data_helpers([broken]) == 0  # no Ray yet: nothing to start
     assert calls == ["broken", "fine"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_waiting_returns_once_every_helper_has_started() -> None:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Slow:
+        def __init__(self) -> None:
+            import time
+
+            time.sleep(1.0)
+
+    actors: list = []
+    assert start_ray_data_helpers([lambda: actors.append(Slow.remote()) or actors[-1]], wait=True)
+    ready, _ = ray.wait([actors[0].__ray_ready__.remote()], timeout=0.2)
+    assert ready, "start_ray_data_helpers(wait=True) returned before the helper had started"
+    ray.kill(actors[0])
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_commands_ask_for_the_helpers_once_ray_is_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_pipeline.cli import batch
+
+    asked: list[bool] = []
+    monkeypatch.setattr(batch, "start_ray_data_helpers", lambda: asked.append(True))
+    batch.init_ray(verbose=True)  # verbose: leaves Ray Data's logging as the session has it
+    assert asked == [True]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from wsi_pipeline.batch import Status
+from wsi_pipeline.segment.warm_start import start_ray_data_helpers
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 logger = logging.getLogger(__name__)
@@ -25,7 +26,9 @@ class CliError(Exception):
 
 def init_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
     """Connect to ``RAY_ADDRESS`` (or a Ray started on this machine with ``ray start``), else
-    start a local Ray for this command; quiet unless ``verbose``.
+    start a local Ray for this command; quiet unless ``verbose``. Ray Data's helper actors are
+    asked for at once (:mod:`~wsi_pipeline.segment.warm_start`): they start while the command
+    plans.
 
     The command's own Ray has a dashboard only with ``dashboard``: it lives as long as the
     command, and starting one cost 2-3 s of a 6-8 s start on the 2-core dev VM. Ray Train needs
@@ -48,6 +51,7 @@ def init_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
         logger.info("Ray: %s (%s; %d CPUs)", where, context.address_info["gcs_address"], cpus)
     if not verbose:
         quiet_ray_data()
+    start_ray_data_helpers()
 
 
 def quiet_ray_data() -> None:
