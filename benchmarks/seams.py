@@ -105,9 +105,10 @@ def measure(
     )
     import ray
 
-    config = resolve_for_hardware(config, ray.cluster_resources(), read_card(checkpoint))
+    card = read_card(checkpoint)
+    config = resolve_for_hardware(config, ray.cluster_resources(), card)
     # One tile covering the slide at the model's mpp, rounded up to a multiple of 64 px.
-    one_tile = -(-round(side * mpp / read_card(checkpoint).mpp) // 64) * 64
+    one_tile = -(-round(side * mpp / card.mpp) // 64) * 64
     with tempfile.TemporaryDirectory() as tmp:
         slide = str(Path(tmp) / "seams.tiff")
         synthetic.write_tiff(mosaic, slide, mpp=mpp, quality=95)

@@ -225,8 +225,8 @@ class SegmentConfig(StrictModel):
         None,
         description="find the instances as tensor operations in the predictor, beside the "
         "probabilities, so only labels and the background probability leave it (null: where "
-        "a GPU runs a model of the "
-        "'3class' or 'distance' target mode; on a CPU scipy's watershed is ~10x faster)",
+        "a GPU runs a model of the '3class' or 'distance' target mode; on a CPU scipy's "
+        "watershed is ~10x faster)",
     )
     backend: Literal["auto", "openslide", "tiffslide"] = "auto"
     mpp_override: float | None = Field(

@@ -54,5 +54,5 @@ def start_ray_data_helpers(
         except Exception as exc:  # a private API: never fail a job over a head start
             logger.debug("Ray Data helper not started early: %s", exc)
     if wait:
-        ray.get([a.__ray_ready__.remote() for a in actors if hasattr(a, "__ray_ready__")])
+        ray.get([actor.__ray_ready__.remote() for actor in actors])
     return len(actors)
